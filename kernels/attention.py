@@ -1,0 +1,71 @@
+"""Paged attention over a slot-addressed KV cache (reference implementation).
+
+The cache of one layer is a flat array of slots, [S, K, Dh]; a block of the block manager is
+`block_size` consecutive slots. A step's tokens arrive flattened, decode tokens first (one per
+sequence), then each prefill chunk. The caller (workers/attention_metadata.py) turns block tables
+into slot indices and masks once per step; every layer reuses them.
+
+Masks are boolean, True = attend, and already encode causality and the sliding window
+(a query at position p sees keys at positions p-W+1 .. p).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class PrefillChunk:
+    """One sequence's run of query tokens in a step."""
+
+    query_start: int  # index of its first token in the step's flat batch
+    query_len: int
+    key_slots: torch.Tensor  # [L] int64, cache slots of the keys it attends to
+    mask: torch.Tensor  # [query_len, L] bool
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64, where each token's k/v is written; -1 = already cached
+    num_decode: int  # the first num_decode tokens are single-token decodes, one per sequence
+    decode_key_slots: torch.Tensor | None  # [Bd, L] int64, padded with slot 0
+    decode_mask: torch.Tensor | None  # [Bd, L] bool
+    prefills: list[PrefillChunk]
+
+
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store the step's keys and values. caches: [S, K, Dh]; k, v: [T, K, Dh]; slot_mapping: [T]."""
+    keep = slot_mapping >= 0
+    if not bool(keep.all()):
+        slot_mapping, k, v = slot_mapping[keep], k[keep], v[keep]
+    k_cache.index_copy_(0, slot_mapping, k)
+    v_cache.index_copy_(0, slot_mapping, v)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """q: [B, H, Q, Dh]; k, v: [B, K, L, Dh]; mask: [B, 1, Q, L] -> [B, H, Q, Dh]."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """q: [T, H, Dh]; caches: [S, K, Dh] (this step's k/v already written) -> [T, H, Dh]."""
+    out = torch.empty_like(q)
+    bd = meta.num_decode
+    if bd:
+        slots = meta.decode_key_slots  # [Bd, L]
+        k = k_cache[slots].transpose(1, 2)  # [Bd, K, L, Dh]
+        v = v_cache[slots].transpose(1, 2)
+        qd = q[:bd].unsqueeze(2)  # [Bd, H, 1, Dh]
+        out[:bd] = _attend(qd, k, v, meta.decode_mask[:, None, None, :], scale).squeeze(2)
+    for chunk in meta.prefills:
+        rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
+        k = k_cache[chunk.key_slots].transpose(0, 1).unsqueeze(0)  # [1, K, L, Dh]
+        v = v_cache[chunk.key_slots].transpose(0, 1).unsqueeze(0)
+        qp = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, Q, Dh]
+        out[rows] = _attend(qp, k, v, chunk.mask[None, None], scale)[0].transpose(0, 1)
+    return out

@@ -1,0 +1,126 @@
+"""Model configuration, read from a checkpoint folder.
+
+One dataclass describes both on-disk layouts: Hugging Face `config.json` (model_type mixtral or
+mistral) and Mistral's `params.json` (with an optional `moe` section). A config with no experts is
+a dense Mistral model.
+"""
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that mixserve cannot load; the message says what is wrong."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    sliding_window: int | None  # keys visible to a query: itself and W-1 earlier ones; None = all
+    num_experts: int  # 0 = dense MLP (Mistral-7B)
+    num_experts_per_tok: int
+    max_position_embeddings: int
+    checkpoint_dtype: str
+    layout: str  # "hf" or "mistral"
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+
+def _dtype_name(value: str | None, default: str) -> str:
+    if value is None:
+        return default
+    value = str(value).replace("torch.", "")
+    return value if value in DTYPES else default
+
+
+def _from_hf(cfg: dict) -> ModelConfig:
+    model_type = cfg.get("model_type")
+    if model_type not in ("mixtral", "mistral"):
+        raise CheckpointError(
+            f"config.json has model_type {model_type!r}; mixserve serves Mixtral and Mistral models "
+            "(model_type 'mixtral' or 'mistral')"
+        )
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+        raise CheckpointError(f"rope scaling {rope!r} is not supported")
+    num_experts = int(cfg.get("num_local_experts", 0)) if model_type == "mixtral" else 0
+    heads = int(cfg["num_attention_heads"])
+    eos = cfg.get("eos_token_id", 2)
+    return ModelConfig(
+        vocab_size=int(cfg["vocab_size"]),
+        hidden_size=int(cfg["hidden_size"]),
+        intermediate_size=int(cfg["intermediate_size"]),
+        num_layers=int(cfg["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+        head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+        rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta") or 1e6),
+        sliding_window=cfg.get("sliding_window"),
+        num_experts=num_experts,
+        num_experts_per_tok=int(cfg.get("num_experts_per_tok", 2)) if num_experts else 0,
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
+        checkpoint_dtype=_dtype_name(cfg.get("dtype") or cfg.get("torch_dtype"), "bfloat16"),
+        layout="hf",
+        bos_token_id=int(cfg.get("bos_token_id", 1)),
+        eos_token_id=int(eos[0] if isinstance(eos, list) else eos),
+    )
+
+
+def _from_mistral(params: dict) -> ModelConfig:
+    moe = params.get("moe") or {}
+    heads = int(params["n_heads"])
+    return ModelConfig(
+        vocab_size=int(params["vocab_size"]),
+        hidden_size=int(params["dim"]),
+        intermediate_size=int(params["hidden_dim"]),
+        num_layers=int(params["n_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(params.get("n_kv_heads") or heads),
+        head_dim=int(params.get("head_dim") or params["dim"] // heads),
+        rms_norm_eps=float(params.get("norm_eps", 1e-5)),
+        rope_theta=float(params.get("rope_theta", 1e6)),
+        sliding_window=params.get("sliding_window"),
+        num_experts=int(moe.get("num_experts", 0)),
+        num_experts_per_tok=int(moe.get("num_experts_per_tok", 2)) if moe else 0,
+        max_position_embeddings=int(params.get("max_seq_len", params.get("max_position_embeddings", 32768))),
+        checkpoint_dtype=_dtype_name(params.get("dtype"), "bfloat16"),
+        layout="mistral",
+    )
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    """Read config.json (Hugging Face) or params.json (Mistral) from a checkpoint folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint folder {path} does not exist")
+    if (path / "config.json").exists():
+        config = _from_hf(json.loads((path / "config.json").read_text()))
+    elif (path / "params.json").exists():
+        config = _from_mistral(json.loads((path / "params.json").read_text()))
+    else:
+        raise CheckpointError(f"{path} has neither config.json (Hugging Face) nor params.json (Mistral)")
+    if config.num_heads % config.num_kv_heads:
+        raise CheckpointError(
+            f"num_attention_heads {config.num_heads} is not a multiple of num_key_value_heads {config.num_kv_heads}"
+        )
+    if config.sliding_window is not None and config.sliding_window <= 0:
+        config = replace(config, sliding_window=None)
+    return config

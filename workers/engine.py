@@ -1,0 +1,243 @@
+"""The engine of one replica: requests in, tokens out, one step at a time.
+
+`add_request` validates and queues; `step` schedules a batch (workers/scheduler.py), runs it on
+the executor, appends sampled tokens, applies stop conditions and reports every request that
+moved; `abort_request` drops a request and frees its blocks. `generate` is the blocking
+convenience over those three. Not thread-safe: one thread drives an engine
+(workers/async_engine.py does so for asyncio callers).
+"""
+
+import random
+from dataclasses import dataclass
+from itertools import count
+
+from .config import load_model_config
+from .engine_config import EngineConfig
+from .executor import Executor, LocalExecutor
+from .kv_cache_manager import KVCacheManager
+from .loader import check_shardable
+from .model_runner import CacheShape, ModelRunner, kv_bytes_per_block
+from .outputs import CompletionOutput, RequestOutput
+from .sampling_params import SamplingParams
+from .scheduler import ScheduledChunk, Scheduler
+from .sequence import Sequence
+from .step_input import SamplingRow, SeqChunk, StepInput, TokenLogprobs
+from .detokenizer import IncrementalDetokenizer
+from .tokenizer import Tokenizer
+
+
+@dataclass(slots=True)
+class EngineStats:
+    steps: int = 0
+    prompt_tokens: int = 0  # prompt tokens of accepted requests
+    prompt_tokens_computed: int = 0  # prompt positions actually run through the model
+    generation_tokens: int = 0
+    finished_requests: int = 0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, executor: Executor | None = None):
+        self.config = config
+        self.model_config = mc = load_model_config(config.model)
+        check_shardable(mc, config.tensor_parallel_size)
+        self.dtype = config.torch_dtype(mc)
+        self.tokenizer = Tokenizer.from_dir(config.model)
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        per_block = kv_bytes_per_block(mc, config.block_size, self.dtype, config.tensor_parallel_size)
+        num_blocks = config.num_blocks or config.kv_cache_bytes // per_block
+        self.cache_shape = CacheShape(num_blocks, config.block_size)
+        self.kv = KVCacheManager(num_blocks, config.block_size, mc.sliding_window, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.executor = executor or LocalExecutor(
+            ModelRunner(config.model, mc, self.dtype, self.cache_shape, device=config.device,
+                        show_progress=config.show_progress)
+        )
+        self.stats = EngineStats()
+        self._requests: dict[str, tuple[str | None, list[Sequence]]] = {}
+        self._seq_ids = count()
+        self._seed_rng = random.Random(config.seed)
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, add_bos=True) if prompt else []
+        else:
+            ids = list(prompt)
+            vocab = self.model_config.vocab_size
+            bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
+        if not ids:
+            raise ValueError("the prompt is empty")
+        return ids
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
+        """Queue a request; raises ValueError (and queues nothing) if it cannot be served."""
+        params = params or SamplingParams()
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        ids = self._prompt_ids(prompt)
+        room = self.max_model_len - len(ids)
+        max_tokens = params.max_tokens if params.max_tokens is not None else room
+        if max_tokens > room or room < 1:
+            raise ValueError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but {len(ids) + max(max_tokens, 1)} "
+                f"were requested ({len(ids)} in the prompt, {max(max_tokens, 1)} for the completion)"
+            )
+        if not self.kv.can_ever_fit(len(ids) + max_tokens, self.config.max_num_batched_tokens):
+            raise ValueError(
+                f"the KV cache ({self.cache_shape.num_blocks} blocks of {self.cache_shape.block_size} tokens) "
+                f"cannot hold a sequence of {len(ids) + max_tokens} tokens"
+            )
+        seqs = []
+        for index in range(params.n):
+            seed = params.seed + index if params.seed is not None else self._seed_rng.getrandbits(62)
+            seq = Sequence(next(self._seq_ids), request_id, index, ids, params, seed, arrival=0, max_tokens=max_tokens)
+            seq.detokenizer = IncrementalDetokenizer(
+                self.tokenizer, ids, stop_strings=params.stop,
+                include_stop_str_in_output=params.include_stop_str_in_output,
+                skip_special_tokens=params.skip_special_tokens,
+            )
+            if params.prompt_logprobs is not None:
+                seq.prompt_logprobs = [None]
+            seqs.append(seq)
+        self._requests[request_id] = (prompt if isinstance(prompt, str) else None, seqs)
+        for seq in seqs:
+            self.scheduler.add(seq)
+        self.stats.prompt_tokens += len(ids)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its KV blocks; returns its final report (None if unknown)."""
+        if request_id not in self._requests:
+            return None
+        for seq in self._requests[request_id][1]:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+        return self._report(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._requests)
+
+    # ---- stepping -------------------------------------------------------------------------
+
+    def _chunk_input(self, chunk: ScheduledChunk) -> SeqChunk:
+        seq, n = chunk.seq, chunk.num_tokens
+        start = seq.num_computed_tokens
+        p = seq.params
+        sample = None
+        if chunk.completes_sequence:
+            sample = SamplingRow(
+                temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=seq.seed,
+                step=seq.num_output_tokens, presence_penalty=p.presence_penalty,
+                frequency_penalty=p.frequency_penalty,
+                output_token_ids=seq.output_token_ids if p.has_penalties else None,
+                num_logprobs=p.logprobs,
+            )
+        targets = None
+        if p.prompt_logprobs is not None and start + 1 < seq.num_prompt_tokens:
+            targets = seq.token_ids[start + 1 : min(start + n, seq.num_prompt_tokens - 1) + 1]
+        return SeqChunk(
+            seq_id=seq.seq_id, token_ids=seq.token_ids[start : start + n], start=start,
+            block_table=list(seq.block_table), no_write_before=seq.num_prefix_hit_tokens, sample=sample,
+            prompt_logprob_targets=targets, num_prompt_logprobs=p.prompt_logprobs or 0,
+        )
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch; report every request that produced tokens or finished."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled.chunks:
+            return []
+        result = self.executor.execute(StepInput([self._chunk_input(c) for c in scheduled.chunks]))
+        self.stats.steps += 1
+        touched: dict[str, None] = {}
+        for chunk in scheduled.chunks:
+            seq = chunk.seq
+            start = seq.num_computed_tokens
+            self.stats.prompt_tokens_computed += max(0, min(start + chunk.num_tokens, seq.num_prompt_tokens) - start)
+            seq.num_computed_tokens += chunk.num_tokens
+            self.kv.cache_computed_blocks(seq)
+            out = result.results.get(seq.seq_id)
+            if out is None:
+                continue
+            if out.prompt_logprobs:
+                for offset, entry in enumerate(out.prompt_logprobs):
+                    if start + 1 + offset == len(seq.prompt_logprobs):
+                        seq.prompt_logprobs.append(entry)
+            if out.token_id is not None:
+                self._append_token(seq, out.token_id, out.logprobs)
+                touched[seq.request_id] = None
+        return [self._report(rid) for rid in touched]
+
+    def _append_token(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> None:
+        seq.token_ids.append(token)
+        seq.delta_token_ids.append(token)
+        self.stats.generation_tokens += 1
+        if logprobs is not None:
+            seq.output_logprobs.append(logprobs)
+        p, detok = seq.params, seq.detokenizer
+        if token == self.model_config.eos_token_id and not p.ignore_eos:
+            seq.finish_reason = "stop"
+        elif token in p.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        else:
+            seq.delta_text += detok.append(token)
+            if detok.stopped_by is not None:
+                seq.finish_reason, seq.stop_reason = "stop", detok.stopped_by
+        if seq.finish_reason is None and (
+            seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len
+        ):
+            seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            if detok.stopped_by is None:
+                seq.delta_text += detok.flush()
+            self.scheduler.finish(seq)
+
+    def _report(self, request_id: str) -> RequestOutput:
+        prompt, seqs = self._requests[request_id]
+        outputs = []
+        for seq in seqs:
+            outputs.append(
+                CompletionOutput(
+                    index=seq.index, text=seq.detokenizer.output_text, token_ids=seq.output_token_ids,
+                    delta_text=seq.delta_text, delta_token_ids=seq.delta_token_ids,
+                    logprobs=list(seq.output_logprobs) if seq.params.logprobs is not None else None,
+                    finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+                )
+            )
+            seq.delta_text, seq.delta_token_ids = "", []
+        finished = all(s.is_finished for s in seqs)
+        if finished:
+            del self._requests[request_id]
+            self.stats.finished_requests += 1
+        first = seqs[0]
+        return RequestOutput(
+            request_id=request_id, prompt=prompt, prompt_token_ids=first.prompt_token_ids, outputs=outputs,
+            finished=finished, num_cached_tokens=first.num_cached_prompt_tokens,
+            prompt_logprobs=list(first.prompt_logprobs) if first.params.prompt_logprobs is not None else None,
+        )
+
+    # ---- convenience ----------------------------------------------------------------------
+
+    def generate(
+        self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
+    ) -> list[RequestOutput]:
+        """Run prompts to completion; results in the order given."""
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        ids = [f"generate-{next(self._seq_ids)}" for _ in prompts]
+        for rid, prompt, p in zip(ids, prompts, params_list):
+            self.add_request(rid, prompt, p)
+        final: dict[str, RequestOutput] = {}
+        while any(rid not in final for rid in ids):
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[rid] for rid in ids]
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

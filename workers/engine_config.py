@@ -1,0 +1,30 @@
+"""Knobs of one engine (one replica). Filled from the cluster settings model; no env reads."""
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import DTYPES, ModelConfig
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str
+    dtype: str = "auto"  # "auto" = the checkpoint's dtype
+    block_size: int = 16  # tokens per KV-cache block
+    kv_cache_bytes: int = 1 << 30  # per rank; sets the number of blocks
+    num_blocks: int | None = None  # overrides kv_cache_bytes
+    max_num_seqs: int = 64  # running sequences at once
+    max_num_batched_tokens: int = 2048  # token budget of one step (prefill chunk size)
+    max_model_len: int | None = None  # prompt + output; default: the model's context length
+    enable_prefix_caching: bool = True
+    tensor_parallel_size: int = 1
+    device: str = "cpu"
+    seed: int = 0  # seeds the seeds of unseeded requests
+    show_progress: bool = False
+
+    def torch_dtype(self, model_config: ModelConfig) -> torch.dtype:
+        name = model_config.checkpoint_dtype if self.dtype == "auto" else self.dtype
+        if name not in DTYPES:
+            raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
+        return DTYPES[name]

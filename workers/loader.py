@@ -1,0 +1,121 @@
+"""Build one tensor-parallel rank's model from a checkpoint.
+
+Slicing rule (Megatron style): q/k/v and the MLP/expert w1 (gate) and w3 (up) are split by output
+rows, o_proj and w2 (down) by input columns, so each rank's attention and MLP produce partial sums
+that one all-reduce completes. The router gate, norms, embedding and LM head are replicated.
+Each tensor is read as a lazy safetensors slice and cast on its own, so peak memory while loading
+is this rank's weights plus one tensor.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..kernels.linear import pack_weight
+from ..kernels.rotary import rotary_table
+from .checkpoint import CheckpointReader
+from .config import CheckpointError, ModelConfig
+from .model import AllReduce, Attention, DecoderLayer, DenseMlp, MixtralModel, SparseMoe, no_all_reduce
+
+
+@dataclass(frozen=True, slots=True)
+class ShardSpec:
+    rank: int = 0
+    world_size: int = 1
+
+    def part(self, total: int) -> slice:
+        """This rank's contiguous share of `total` rows or columns."""
+        size = total // self.world_size
+        return slice(self.rank * size, (self.rank + 1) * size)
+
+
+def check_shardable(config: ModelConfig, world_size: int) -> None:
+    """Raise a clear error when the model cannot be split across `world_size` ranks."""
+    for what, count in (
+        ("attention heads", config.num_heads),
+        ("KV heads", config.num_kv_heads),
+        ("intermediate size", config.intermediate_size),
+    ):
+        if count % world_size:
+            raise CheckpointError(f"tensor-parallel size {world_size} does not divide the model's {count} {what}")
+
+
+def load_model(
+    path: str | Path,
+    config: ModelConfig,
+    dtype: torch.dtype,
+    shard: ShardSpec = ShardSpec(),
+    all_reduce: AllReduce = no_all_reduce,
+    device: str | torch.device = "cpu",
+    show_progress: bool = False,
+) -> MixtralModel:
+    check_shardable(config, shard.world_size)
+    reader = CheckpointReader(path, config)
+    c = config
+    dh, hidden, inter = c.head_dim, c.hidden_size, c.intermediate_size
+    q_rows, kv_rows = shard.part(c.num_heads * dh), shard.part(c.num_kv_heads * dh)
+    i_part = shard.part(inter)
+
+    def read(name, shape, rows=None, cols=None):
+        return reader.read(name, shape, dtype, rows, cols).to(device)
+
+    def fused(names, shape, rows):
+        return pack_weight(torch.cat([read(n, shape, rows=rows) for n in names]))
+
+    layers = []
+    for i in tqdm(range(c.num_layers), desc="loading layers", disable=not show_progress):
+        p = f"model.layers.{i}."
+        attn = Attention(
+            qkv=pack_weight(
+                torch.cat(
+                    [
+                        read(p + "self_attn.q_proj.weight", (c.num_heads * dh, hidden), rows=q_rows),
+                        read(p + "self_attn.k_proj.weight", (c.num_kv_heads * dh, hidden), rows=kv_rows),
+                        read(p + "self_attn.v_proj.weight", (c.num_kv_heads * dh, hidden), rows=kv_rows),
+                    ]
+                )
+            ),
+            o=pack_weight(read(p + "self_attn.o_proj.weight", (hidden, c.num_heads * dh), cols=q_rows)),
+            num_heads=c.num_heads // shard.world_size,
+            num_kv_heads=c.num_kv_heads // shard.world_size,
+            head_dim=dh,
+        )
+        if c.is_moe:
+            e = p + "block_sparse_moe."
+            mlp = SparseMoe(
+                gate=read(e + "gate.weight", (c.num_experts, hidden)),
+                w13=[
+                    fused([f"{e}experts.{x}.w1.weight", f"{e}experts.{x}.w3.weight"], (inter, hidden), i_part)
+                    for x in range(c.num_experts)
+                ],
+                w2=[
+                    pack_weight(read(f"{e}experts.{x}.w2.weight", (hidden, inter), cols=i_part))
+                    for x in range(c.num_experts)
+                ],
+                top_k=c.num_experts_per_tok,
+            )
+        else:
+            mlp = DenseMlp(
+                w13=fused([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], (inter, hidden), i_part),
+                w2=pack_weight(read(p + "mlp.down_proj.weight", (hidden, inter), cols=i_part)),
+            )
+        layers.append(
+            DecoderLayer(
+                input_norm=read(p + "input_layernorm.weight", (hidden,)),
+                attention=attn,
+                post_attention_norm=read(p + "post_attention_layernorm.weight", (hidden,)),
+                mlp=mlp,
+            )
+        )
+    cos, sin = rotary_table(dh, c.max_position_embeddings, c.rope_theta)
+    return MixtralModel(
+        config=c,
+        embed=read("model.embed_tokens.weight", (c.vocab_size, hidden)),
+        layers=layers,
+        norm=read("model.norm.weight", (hidden,)),
+        lm_head=pack_weight(read("lm_head.weight", (c.vocab_size, hidden))),
+        rotary=(cos.to(device), sin.to(device)),
+        all_reduce=all_reduce,
+    )

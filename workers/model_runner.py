@@ -1,0 +1,58 @@
+"""Runs the model for one rank: owns the weights and this rank's KV cache, executes steps.
+
+The same class serves a single-process engine (TP=1) and each tensor-parallel rank: ranks run
+identical forwards on their shards, and only the rank asked to sample does so.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .loader import ShardSpec, load_model
+from .model import AllReduce, no_all_reduce
+from .model_inputs import build_model_inputs
+from .sampler import sample_step
+from .step_input import StepInput, StepOutput
+
+
+@dataclass(frozen=True, slots=True)
+class CacheShape:
+    num_blocks: int
+    block_size: int
+
+
+def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype, world_size: int = 1) -> int:
+    """Bytes one block takes on one rank: K and V for every layer."""
+    kv_heads = config.num_kv_heads // world_size
+    return config.num_layers * 2 * block_size * kv_heads * config.head_dim * dtype.itemsize
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model_path: str | Path,
+        config: ModelConfig,
+        dtype: torch.dtype,
+        cache: CacheShape,
+        shard: ShardSpec = ShardSpec(),
+        all_reduce: AllReduce = no_all_reduce,
+        device: str = "cpu",
+        show_progress: bool = False,
+    ):
+        self.config = config
+        self.cache = cache
+        self.model = load_model(model_path, config, dtype, shard, all_reduce, device, show_progress)
+        kv_heads = config.num_kv_heads // shard.world_size
+        slots = cache.num_blocks * cache.block_size
+        # [layers, K/V, S, Kr, Dh]
+        self.kv_cache = torch.zeros(config.num_layers, 2, slots, kv_heads, config.head_dim, dtype=dtype, device=device)
+
+    @torch.inference_mode()
+    def execute(self, step: StepInput, sample: bool = True) -> StepOutput | None:
+        inputs = build_model_inputs(step, self.cache.block_size, self.config.sliding_window)
+        logits = self.model.forward(
+            inputs.input_ids, inputs.positions, inputs.meta, self.kv_cache, inputs.logits_indices
+        )  # [R, V]
+        return sample_step(logits, inputs) if sample else None

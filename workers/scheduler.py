@@ -1,0 +1,119 @@
+"""Continuous batching with chunked prefill and preemption by recompute.
+
+The rule, applied once per engine step:
+1. One token budget per step, `max_num_batched_tokens`. Running sequences go first, oldest
+   admission first: each gets the tokens it has left to compute (1 for a decode, the rest of its
+   prompt for a prefill), cut to the budget that remains - a long prompt is prefilled in chunks
+   over several steps.
+2. When the KV cache has no room for a running sequence's tokens, the most recently admitted
+   running sequence is preempted: its blocks are freed and it returns to the front of the waiting
+   queue, to be recomputed later (its cached prefix blocks usually survive for it). If that
+   victim is the sequence itself, it waits. No step ever fails for lack of blocks.
+3. Only when nothing was preempted this step, waiting sequences are admitted in arrival order
+   (first come, first served; no skipping) while budget remains, fewer than `max_num_seqs` are
+   running, and their first chunk fits in the KV cache. Admission first takes any cached prefix.
+Parameters: max_num_batched_tokens (token budget per step), max_num_seqs (running sequences).
+"""
+
+from collections import deque
+from dataclasses import dataclass
+
+from .kv_cache_manager import KVCacheManager
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass(slots=True)
+class ScheduledChunk:
+    seq: Sequence
+    num_tokens: int  # tokens computed this step, from seq.num_computed_tokens on
+
+    @property
+    def completes_sequence(self) -> bool:
+        """After this chunk every known token is computed, so the next token can be sampled."""
+        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    chunks: list[ScheduledChunk]
+    preempted: list[Sequence]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._arrivals = 0
+        self.num_preemptions = 0
+        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_hits = 0  # of which found cached
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a sequence wherever it is and release its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.kv.free(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted: list[Sequence] = []
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.kv.allocate_slots(seq, n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is SequenceStatus.RUNNING:
+                chunks.append(ScheduledChunk(seq, n))
+                budget -= n
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.block_table:
+                hit = self.kv.lookup_prefix(seq)
+                if not seq.admitted_once:
+                    self.prefix_queries += seq.num_tokens
+                    self.prefix_hits += hit
+                    seq.num_cached_prompt_tokens = min(hit, seq.num_tokens)
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self.kv.allocate_slots(seq, n):
+                self.kv.free(seq)  # give back the prefix blocks; try again next step
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            seq.admitted_once = True
+            seq.arrival = self._arrivals
+            self._arrivals += 1
+            self.running.append(seq)
+            chunks.append(ScheduledChunk(seq, n))
+            budget -= n
+        return SchedulerOutput(chunks, preempted)
