@@ -106,7 +106,7 @@ class MixtralModel:
         kv_cache: torch.Tensor,
         logits_indices: torch.Tensor,
     ) -> torch.Tensor:
-        """input_ids, positions: [T]; kv_cache: [layers, 2, S, Kr, Dh]; logits_indices: [B]
+        """input_ids, positions: [T]; kv_cache: [layers, 2, Kr, S, Dh]; logits_indices: [B]
         (the tokens whose next-token logits are wanted) -> logits [B, V] float32."""
         eps = self.config.rms_norm_eps
         h = self.embed[input_ids]  # [T, D]

@@ -46,8 +46,8 @@ class ModelRunner:
         self.model = load_model(model_path, config, dtype, shard, all_reduce, device, show_progress)
         kv_heads = config.num_kv_heads // shard.world_size
         slots = cache.num_blocks * cache.block_size
-        # [layers, K/V, S, Kr, Dh]
-        self.kv_cache = torch.zeros(config.num_layers, 2, slots, kv_heads, config.head_dim, dtype=dtype, device=device)
+        # [layers, K/V, Kr, S, Dh]
+        self.kv_cache = torch.zeros(config.num_layers, 2, kv_heads, slots, config.head_dim, dtype=dtype, device=device)
 
     @torch.inference_mode()
     def execute(self, step: StepInput, sample: bool = True) -> StepOutput | None:
