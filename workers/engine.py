@@ -162,6 +162,7 @@ class LLMEngine:
             self.stats.prompt_tokens_computed += max(0, min(start + chunk.num_tokens, seq.num_prompt_tokens) - start)
             seq.num_computed_tokens += chunk.num_tokens
             self.kv.cache_computed_blocks(seq)
+            self.kv.release_out_of_window(seq)
             out = result.results.get(seq.seq_id)
             if out is None:
                 continue

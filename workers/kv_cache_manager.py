@@ -52,7 +52,7 @@ class KVCacheManager:
         seq.num_computed_tokens = min(hit, seq.num_tokens - 1)
         return hit
 
-    def _release_out_of_window(self, seq: Sequence) -> None:
+    def release_out_of_window(self, seq: Sequence) -> None:
         """Free blocks no query at or after position num_computed_tokens can see."""
         if self.sliding_window is None:
             return
@@ -65,7 +65,7 @@ class KVCacheManager:
     def allocate_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Make room for the next `num_new_tokens` of the sequence; False (nothing changed but
         window releases) when the pool has too few free blocks."""
-        self._release_out_of_window(seq)
+        self.release_out_of_window(seq)
         needed = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size) - len(seq.block_table)
         if needed > self.pool.num_free:
             return False

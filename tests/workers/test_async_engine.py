@@ -1,0 +1,92 @@
+"""The asyncio driver: concurrent streams, cancellation, errors."""
+
+import asyncio
+
+import pytest
+
+from mixserve.workers.async_engine import AsyncLLMEngine, EngineDeadError
+
+from .engine_helpers import greedy, make_engine, output_ids, random_prompts
+
+
+def test_concurrent_streams_match_blocking_generate(tiny_checkpoint):
+    prompts = random_prompts([12, 40, 70], seed=51)
+    expected = output_ids(make_engine(tiny_checkpoint).generate(prompts, greedy(16)))
+    engine = AsyncLLMEngine(make_engine(tiny_checkpoint))
+
+    async def collect(prompt):
+        tokens = []
+        async for out in engine.generate(prompt, greedy(16)):
+            tokens += out.outputs[0].delta_token_ids
+        return tokens
+
+    async def main():
+        return await asyncio.gather(*(collect(p) for p in prompts))
+
+    assert asyncio.run(main()) == expected
+    engine.shutdown()
+
+
+def test_closing_streams_early_frees_all_blocks(tiny_checkpoint):
+    engine = AsyncLLMEngine(make_engine(tiny_checkpoint))
+
+    async def read_two_then_close(prompt):
+        stream = engine.generate(prompt, greedy(200))
+        async for i, _ in _enumerate(stream):
+            if i == 1:
+                break
+        await stream.aclose()
+
+    async def main():
+        await asyncio.gather(*(read_two_then_close(p) for p in random_prompts([20] * 8, seed=52)))
+        for _ in range(100):  # let the engine thread apply the aborts
+            if not engine.engine.has_unfinished_requests():
+                break
+            await asyncio.sleep(0.05)
+
+    asyncio.run(main())
+    assert not engine.engine.has_unfinished_requests()
+    assert engine.engine.kv.pool.num_used == 0
+    engine.shutdown()
+
+
+async def _enumerate(stream):
+    i = 0
+    async for item in stream:
+        yield i, item
+        i += 1
+
+
+def test_bad_request_raises_value_error_and_engine_stays_healthy(tiny_checkpoint):
+    engine = AsyncLLMEngine(make_engine(tiny_checkpoint))
+
+    async def main():
+        with pytest.raises(ValueError):
+            async for _ in engine.generate([], greedy(4)):
+                pass
+        outs = [o async for o in engine.generate([1, 2, 3], greedy(4))]
+        return outs[-1]
+
+    assert asyncio.run(main()).finished
+    assert engine.is_healthy
+    engine.shutdown()
+
+
+def test_failing_step_ends_streams_with_an_error_and_marks_engine_dead(tiny_checkpoint):
+    engine = AsyncLLMEngine(make_engine(tiny_checkpoint))
+
+    def broken(step):
+        raise RuntimeError("rank died")
+
+    engine.engine.executor.execute = broken
+
+    async def main():
+        async for _ in engine.generate([1, 2, 3], greedy(4)):
+            pass
+
+    with pytest.raises(EngineDeadError):
+        asyncio.run(main())
+    assert not engine.is_healthy
+    with pytest.raises(EngineDeadError):
+        engine.check_health()
+    engine.shutdown()
