@@ -58,6 +58,6 @@ def grouped_experts(
         out[rows] = linear(hidden, w2[e])  # [n, D]
         start += n
     weighted = (out.float() * grouped_w[:, None]).to(x.dtype)  # [T*k, D]
-    result = torch.zeros_like(x)
-    result.index_add_(0, token_of, weighted)
-    return result
+    # Back to (token, choice) order with a gather (CPU index_add_ is serial), then sum the k choices.
+    by_choice = weighted.index_select(0, torch.argsort(order))  # [T*k, D]
+    return by_choice.view(num_tokens, top_k, -1).sum(dim=1)  # [T, D]

@@ -1,0 +1,88 @@
+"""`mixserve bench offline`: offline generation throughput, optionally against transformers.
+
+Workload: `num_prompts` prompts of `input_len` random token ids (seeded), `output_len` new tokens
+each, greedy, EOS ignored, all submitted at once. The figure is output tokens / wall time of the
+whole run (prefill included), after a short warm-up. With `--compare-transformers` the same
+prompts go through transformers' batched `generate` in the same process, so the ratio is taken
+on one machine in one run (the machine is shared and noisy; absolute numbers drift).
+"""
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class OfflineWorkload:
+    num_prompts: int = 32
+    input_len: int = 128
+    output_len: int = 64
+    seed: int = 0
+
+    def prompts(self, vocab_size: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed)
+        return [[1] + torch.randint(3, vocab_size, (self.input_len - 1,), generator=g).tolist()
+                for _ in range(self.num_prompts)]
+
+
+def bench_mixserve(model: str, workload: OfflineWorkload, dtype: str, max_num_batched_tokens: int = 2048) -> dict:
+    from mixserve.workers.engine import LLMEngine
+    from mixserve.workers.engine_config import EngineConfig
+    from mixserve.workers.sampling_params import SamplingParams
+
+    per_seq = workload.input_len + workload.output_len
+    engine = LLMEngine(EngineConfig(
+        model=model, dtype=dtype, max_num_seqs=max(workload.num_prompts, 1),
+        max_num_batched_tokens=max_num_batched_tokens,
+        kv_cache_bytes=max(64 << 20, 2 * per_seq * workload.num_prompts * 16 << 10),
+        enable_prefix_caching=False,
+    ))
+    prompts = workload.prompts(engine.model_config.vocab_size)
+    params = SamplingParams(temperature=0, max_tokens=workload.output_len, ignore_eos=True)
+    engine.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
+    start = time.perf_counter()
+    results = engine.generate(prompts, params)
+    total = time.perf_counter() - start
+    tokens = sum(len(r.outputs[0].token_ids) for r in results)
+    return {"engine": "mixserve", "total_s": round(total, 3), "output_tokens": tokens,
+            "output_tokens_per_s": round(tokens / total, 1), "steps": engine.stats.steps}
+
+
+def bench_transformers(model: str, workload: OfflineWorkload, dtype: str, experts_implementation: str = "eager") -> dict:
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": getattr(torch, dtype)}
+    if experts_implementation:
+        kwargs["experts_implementation"] = experts_implementation
+    hf = AutoModelForCausalLM.from_pretrained(model, **kwargs).eval()
+    prompts = torch.tensor(workload.prompts(hf.config.vocab_size))
+    gen = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.inference_mode():
+        hf.generate(prompts[:2], max_new_tokens=4, min_new_tokens=4, **gen)  # warm-up
+        start = time.perf_counter()
+        out = hf.generate(prompts, max_new_tokens=workload.output_len, min_new_tokens=workload.output_len, **gen)
+        total = time.perf_counter() - start
+    tokens = (out.shape[1] - prompts.shape[1]) * out.shape[0]
+    return {"engine": f"transformers generate (experts {experts_implementation or 'default'})",
+            "total_s": round(total, 3), "output_tokens": int(tokens), "output_tokens_per_s": round(tokens / total, 1)}
+
+
+def run_offline_bench(model: str, workload: OfflineWorkload, dtype: str, compare_transformers: bool) -> dict:
+    """Run the benchmark(s), print a line per engine, and return the summary (printed last as JSON)."""
+    load_before = os.getloadavg()[0]
+    ours = bench_mixserve(model, workload, dtype)
+    print(f"mixserve: {ours['output_tokens_per_s']} output tok/s ({ours['total_s']} s)", flush=True)
+    summary = {**ours, "num_prompts": workload.num_prompts, "input_len": workload.input_len,
+               "output_len": workload.output_len, "dtype": dtype, "threads": torch.get_num_threads(),
+               "load_avg_1m_before": round(load_before, 2)}
+    if compare_transformers:
+        ref = bench_transformers(model, workload, dtype)
+        print(f"{ref['engine']}: {ref['output_tokens_per_s']} output tok/s ({ref['total_s']} s)", flush=True)
+        summary["transformers_output_tokens_per_s"] = ref["output_tokens_per_s"]
+        summary["speedup_vs_transformers"] = round(ours["output_tokens_per_s"] / ref["output_tokens_per_s"], 2)
+    summary["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
+    print(json.dumps(summary), flush=True)
+    return summary
