@@ -44,7 +44,73 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
-_SUBCOMMANDS = [_add_checkpoint_parser]
+def _resolve_model(model: Path | None, preset: str | None, cache_dir: Path | None) -> Path:
+    """--model as given; otherwise the preset built once (seed 0) into the cache folder."""
+    from mixserve.workers.random_checkpoint import default_cache_dir, ensure_demo_checkpoint, write_random_checkpoint
+
+    if model is not None:
+        return model
+    cache = cache_dir or default_cache_dir()
+    if preset in (None, "tiny"):
+        return ensure_demo_checkpoint(cache)
+    target = cache / f"preset-{preset}-seed0"
+    if not (target / "config.json").exists():
+        print(f"building the {preset} preset into {target} (once)", flush=True)
+        write_random_checkpoint(target, preset, 0)
+    return target
+
+
+def _add_bench_parser(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="benchmarks", description="Benchmarks that print numbers.")
+    modes = p.add_subparsers(dest="bench_mode", required=True, metavar="MODE")
+    off = modes.add_parser(
+        "offline",
+        help="offline generation throughput of one engine in this process",
+        description="Generate for random-token prompts with EOS ignored; the last line printed is a JSON summary.",
+    )
+    off.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: --preset)")
+    off.add_argument("--preset", choices=sorted(PRESETS), default="mini", help="built into the cache when no --model")
+    off.add_argument("--cache-dir", type=Path, default=None)
+    off.add_argument("--num-prompts", type=int, default=32)
+    off.add_argument("--input-len", type=int, default=128)
+    off.add_argument("--output-len", type=int, default=64)
+    off.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    off.add_argument("--seed", type=int, default=0)
+    off.add_argument("--compare-transformers", action="store_true",
+                     help="also run transformers' batched generate on the same prompts and report the ratio")
+    off.set_defaults(handler=_run_bench_offline)
+
+
+def _run_bench_offline(args: argparse.Namespace) -> int:
+    from mixserve.cluster.bench_offline import OfflineWorkload, run_offline_bench
+
+    model = _resolve_model(args.model, args.preset, args.cache_dir)
+    workload = OfflineWorkload(args.num_prompts, args.input_len, args.output_len, args.seed)
+    run_offline_bench(str(model), workload, args.dtype, args.compare_transformers)
+    return 0
+
+
+def _add_demo_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="stream a chat completion from the embedded demo model in this process",
+        description="Generate from the embedded tiny model (random weights, real Mistral tokenizer): no Ray, no HTTP.",
+    )
+    p.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the embedded demo model)")
+    p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--message", default="Write a haiku about mixtures of experts.")
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from mixserve.cluster.demo import run_demo
+
+    return run_demo(_resolve_model(args.model, "tiny", args.cache_dir), args.message, args.max_tokens, args.seed)
+
+
+_SUBCOMMANDS = [_add_checkpoint_parser, _add_bench_parser, _add_demo_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -84,7 +85,20 @@ def _from_hf(cfg: dict) -> ModelConfig:
     )
 
 
-def _from_mistral(params: dict) -> ModelConfig:
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def _stored_dtype(path: Path) -> str:
+    """The dtype of the first tensor of a Mistral-layout checkpoint (params.json rarely says)."""
+    files = sorted(path.glob("consolidated*.safetensors"))
+    if not files:
+        return "bfloat16"
+    with safe_open(str(files[0]), framework="pt") as handle:
+        first = next(iter(handle.keys()), None)
+        return _SAFETENSORS_DTYPES.get(handle.get_slice(first).get_dtype(), "bfloat16") if first else "bfloat16"
+
+
+def _from_mistral(params: dict, path: Path) -> ModelConfig:
     moe = params.get("moe") or {}
     heads = int(params["n_heads"])
     return ModelConfig(
@@ -101,7 +115,7 @@ def _from_mistral(params: dict) -> ModelConfig:
         num_experts=int(moe.get("num_experts", 0)),
         num_experts_per_tok=int(moe.get("num_experts_per_tok", 2)) if moe else 0,
         max_position_embeddings=int(params.get("max_seq_len", params.get("max_position_embeddings", 32768))),
-        checkpoint_dtype=_dtype_name(params.get("dtype"), "bfloat16"),
+        checkpoint_dtype=_dtype_name(params.get("dtype"), _stored_dtype(path)),
         layout="mistral",
     )
 
@@ -114,7 +128,7 @@ def load_model_config(path: str | Path) -> ModelConfig:
     if (path / "config.json").exists():
         config = _from_hf(json.loads((path / "config.json").read_text()))
     elif (path / "params.json").exists():
-        config = _from_mistral(json.loads((path / "params.json").read_text()))
+        config = _from_mistral(json.loads((path / "params.json").read_text()), path)
     else:
         raise CheckpointError(f"{path} has neither config.json (Hugging Face) nor params.json (Mistral)")
     if config.num_heads % config.num_kv_heads:
