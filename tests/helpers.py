@@ -1,0 +1,177 @@
+"""Test helpers: small Hugging Face checkpoints written tensor by tensor, and sequences.
+
+`write_tiny_hf_checkpoint` writes config.json + model.safetensors with random weights (no
+tokenizer). The safetensors file is streamed one tensor at a time, so a checkpoint of a few
+hundred MB never sits in the test process's memory.
+"""
+
+import json
+import struct
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+from mixserve.workers.sampling_params import SamplingParams
+from mixserve.workers.sequence import Sequence
+
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def tensor_specs(
+    *, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, head_dim: int, experts: int,
+    dense: bool, vocab: int,
+) -> list[tuple[str, tuple[int, ...]]]:
+    """(Hugging Face name, shape) of every tensor of a Mixtral (or dense Mistral) checkpoint."""
+    q_out, kv_out = heads * head_dim, kv_heads * head_dim
+    specs = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        specs += [
+            (p + "input_layernorm.weight", (hidden,)),
+            (p + "self_attn.q_proj.weight", (q_out, hidden)),
+            (p + "self_attn.k_proj.weight", (kv_out, hidden)),
+            (p + "self_attn.v_proj.weight", (kv_out, hidden)),
+            (p + "self_attn.o_proj.weight", (hidden, q_out)),
+            (p + "post_attention_layernorm.weight", (hidden,)),
+        ]
+        if dense:
+            specs += [
+                (p + "mlp.gate_proj.weight", (intermediate, hidden)),
+                (p + "mlp.up_proj.weight", (intermediate, hidden)),
+                (p + "mlp.down_proj.weight", (hidden, intermediate)),
+            ]
+        else:
+            specs.append((p + "block_sparse_moe.gate.weight", (experts, hidden)))
+            for e in range(experts):
+                x = f"{p}block_sparse_moe.experts.{e}."
+                specs += [(x + "w1.weight", (intermediate, hidden)), (x + "w2.weight", (hidden, intermediate)),
+                          (x + "w3.weight", (intermediate, hidden))]
+    specs += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+    return specs
+
+
+def write_safetensors_streaming(
+    path: Path,
+    specs: Iterable[tuple[str, tuple[int, ...]]],
+    dtype: torch.dtype,
+    make: Callable[[str, tuple[int, ...]], torch.Tensor],
+) -> int:
+    """Write a safetensors file whose tensors `make(name, shape)` creates one at a time; returns
+    the bytes of tensor data."""
+    specs = list(specs)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    header, offset = {}, 0
+    for name, shape in specs:
+        size = itemsize * int(torch.Size(shape).numel())
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, shape in specs:
+            t = make(name, shape).to(dtype).contiguous()
+            assert tuple(t.shape) == tuple(shape), name
+            f.write(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return offset
+
+
+def hf_config(
+    *, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, head_dim: int, experts: int,
+    dense: bool, vocab: int, sliding_window: int | None, dtype: torch.dtype, max_positions: int = 4096,
+) -> dict:
+    config = {
+        "architectures": ["MistralForCausalLM" if dense else "MixtralForCausalLM"],
+        "model_type": "mistral" if dense else "mixtral",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1e6,
+        "sliding_window": sliding_window,
+        "max_position_embeddings": max_positions,
+        "torch_dtype": str(dtype).replace("torch.", ""),
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "tie_word_embeddings": False,
+    }
+    if not dense:
+        config["num_local_experts"] = experts
+        config["num_experts_per_tok"] = 2
+    return config
+
+
+def write_tiny_hf_checkpoint(
+    path: Path,
+    *,
+    hidden: int = 64,
+    intermediate: int = 128,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int | None = None,
+    experts: int = 8,
+    dense: bool = False,
+    vocab: int = 256,
+    sliding_window: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    max_positions: int = 4096,
+    drop: Iterable[str] = (),
+    reshape: dict[str, tuple[int, ...]] | None = None,
+    config_overrides: dict | None = None,
+) -> tuple[Path, int]:
+    """Write config.json + model.safetensors into `path` (created); returns (path, tensor bytes).
+
+    `drop` leaves tensors out, `reshape` writes tensors with another shape, `config_overrides`
+    replaces config.json fields: for checkpoints that must fail to load.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    head_dim = head_dim or hidden // heads
+    shape_args = dict(hidden=hidden, intermediate=intermediate, layers=layers, heads=heads, kv_heads=kv_heads,
+                      head_dim=head_dim, experts=experts, dense=dense, vocab=vocab)
+    dropped, reshape = set(drop), reshape or {}
+    specs = [(n, reshape.get(n, s)) for n, s in tensor_specs(**shape_args) if n not in dropped]
+    generator = torch.Generator().manual_seed(seed)
+
+    def make(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if name.endswith("norm.weight"):
+            return 1.0 + 0.1 * torch.rand(shape, generator=generator)
+        return torch.randn(shape, generator=generator).mul_(shape[-1] ** -0.5)
+
+    nbytes = write_safetensors_streaming(path / "model.safetensors", specs, dtype, make)
+    config = hf_config(**shape_args, sliding_window=sliding_window, dtype=dtype, max_positions=max_positions)
+    config.update(config_overrides or {})
+    (path / "config.json").write_text(json.dumps(config, indent=1))
+    return path, nbytes
+
+
+def make_sequence(seq_id: int, prompt: list[int], **params) -> Sequence:
+    """A waiting sequence for scheduler / KV-cache tests."""
+    return Sequence(seq_id, f"req-{seq_id}", 0, list(prompt), SamplingParams(**params), seed=seq_id, arrival=0)
+
+
+def naive_attention(q, k, v, query_positions, window: int | None, scale: float):
+    """Causal (sliding-window) attention of one sequence from its full K/V, in float32.
+
+    q: [Q, H, Dh] at query_positions [Q]; k, v: [P, K, Dh] for positions 0..P-1 -> [Q, H, Dh].
+    Query head h reads KV head h // (H / K).
+    """
+    heads, kv_heads = q.shape[1], k.shape[1]
+    k = k.float().repeat_interleave(heads // kv_heads, dim=1)  # [P, H, Dh]
+    v = v.float().repeat_interleave(heads // kv_heads, dim=1)
+    qpos = torch.as_tensor(query_positions)[:, None]  # [Q, 1]
+    kpos = torch.arange(k.shape[0])[None, :]  # [1, P]
+    visible = kpos <= qpos
+    if window:
+        visible &= qpos - kpos < window
+    scores = torch.einsum("qhd,phd->hqp", q.float(), k) * scale
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    return torch.einsum("hqp,phd->qhd", probs, v)

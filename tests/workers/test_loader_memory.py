@@ -1,0 +1,126 @@
+"""workers/loader.py memory: loading a checkpoint costs at most ~1.2x its weights in RSS.
+
+Each measurement runs load_model in a fresh subprocess and reads the kernel's peak resident set
+(VmHWM, reset to the current RSS through /proc/self/clear_refs just before loading), so allocator
+caches and other tests cannot blur it. RSS includes file-backed pages: safetensors hands out
+tensors that view its memory map of the checkpoint, and pages of that map count once touched.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.helpers import write_tiny_hf_checkpoint
+
+LIMIT = 1.25  # peak RSS increase / checkpoint tensor bytes
+SHAPE = dict(hidden=512, intermediate=640, layers=4, heads=8, kv_heads=2, experts=8, vocab=32000)
+
+_MEASURE = r"""
+import json, sys
+import torch
+from mixserve.kernels.linear import linear
+from mixserve.workers.config import load_model_config
+from mixserve.workers.loader import load_model
+
+def status():
+    fields = {}
+    for line in open("/proc/self/status"):
+        key, value = line.split(":", 1)
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+            fields[key] = int(value.split()[0]) * 1024
+    return fields
+
+def weights(model):
+    yield from (model.embed, model.norm, model.lm_head)
+    for layer in model.layers:
+        yield from (layer.input_norm, layer.post_attention_norm, layer.attention.qkv, layer.attention.o)
+        mlp = layer.mlp
+        yield from ([mlp.gate, *mlp.w13, *mlp.w2] if hasattr(mlp, "gate") else [mlp.w13, mlp.w2])
+
+def touch(w):
+    if torch.is_tensor(w):
+        w.sum()
+    else:  # LinearWeight, possibly packed
+        linear(torch.zeros(1, w.in_features, dtype=dtype), w)
+
+path, dtype, touch_all = sys.argv[1], getattr(torch, sys.argv[2]), sys.argv[3] == "1"
+config = load_model_config(path)
+try:
+    open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
+except OSError:
+    pass
+before = status()
+model = load_model(path, config, dtype)
+loaded = status()
+if touch_all:
+    for w in weights(model):
+        touch(w)
+after = status()
+print(json.dumps({
+    "peak_increase": after["VmHWM"] - before["VmRSS"],
+    "load_peak_increase": loaded["VmHWM"] - before["VmRSS"],
+    "anon_increase": after["RssAnon"] - before["RssAnon"],
+    "file_increase": after["RssFile"] - before["RssFile"],
+}))
+"""
+
+
+def _measure(path, dtype: str, touch_all: bool) -> dict:
+    done = subprocess.run([sys.executable, "-c", _MEASURE, str(path), dtype, "1" if touch_all else "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _report(what: str, m: dict, nbytes: int) -> str:
+    mb = lambda b: f"{b / 2**20:.0f} MB"  # noqa: E731
+    return (f"{what}: peak RSS +{mb(m['peak_increase'])} for {mb(nbytes)} of weights "
+            f"= {m['peak_increase'] / nbytes:.2f}x (anon +{mb(m['anon_increase'])}, "
+            f"file-backed +{mb(m['file_increase'])})")
+
+
+@pytest.fixture(scope="module")
+def float32_checkpoint(tmp_path_factory):
+    """~255 MB float32 Mixtral: 8 experts x 4 layers, hidden 512, vocab 32000."""
+    return write_tiny_hf_checkpoint(tmp_path_factory.mktemp("f32-255mb"), **SHAPE, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def bfloat16_checkpoint(tmp_path_factory):
+    """The same shapes in bfloat16 (~128 MB), Mixtral's real dtype."""
+    return write_tiny_hf_checkpoint(tmp_path_factory.mktemp("bf16-128mb"), **SHAPE, dtype=torch.bfloat16)
+
+
+def test_loading_a_float32_checkpoint_peaks_below_1_25x_its_weights(float32_checkpoint):
+    path, nbytes = float32_checkpoint
+    assert 200 * 2**20 < nbytes < 300 * 2**20
+    m = _measure(path, "float32", touch_all=False)
+    print(_report("float32 load", m, nbytes))
+    assert m["peak_increase"] <= LIMIT * nbytes, _report("float32 load", m, nbytes)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="weights that are views of safetensors' mmap keep the whole file mapped, so the file pages "
+    "read to build the fused qkv / w13 copies stay resident next to those copies (~1.38x)",
+)
+def test_a_loaded_float32_model_once_used_holds_at_most_1_25x_its_weights(float32_checkpoint):
+    path, nbytes = float32_checkpoint
+    m = _measure(path, "float32", touch_all=True)
+    print(_report("float32 load + first use", m, nbytes))
+    assert m["peak_increase"] <= LIMIT * nbytes, _report("float32 load + first use", m, nbytes)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="every linear weight is packed into a new tensor, while embed/norm/gate views keep the "
+    "checkpoint's mmap alive, so each page read for packing stays resident as well (~1.8x)",
+)
+def test_loading_a_bfloat16_checkpoint_peaks_below_1_25x_its_weights(bfloat16_checkpoint):
+    path, nbytes = bfloat16_checkpoint
+    m = _measure(path, "bfloat16", touch_all=False)
+    print(_report("bfloat16 load", m, nbytes))
+    assert m["peak_increase"] <= LIMIT * nbytes, _report("bfloat16 load", m, nbytes)
