@@ -13,10 +13,10 @@ from itertools import count
 
 from .config import load_model_config
 from .engine_config import EngineConfig
-from .executor import Executor, LocalExecutor
+from .executor import Executor, make_executor
 from .kv_cache_manager import KVCacheManager
 from .loader import check_shardable
-from .model_runner import CacheShape, ModelRunner, kv_bytes_per_block
+from .model_runner import CacheShape, kv_bytes_per_block
 from .outputs import CompletionOutput, RequestOutput
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledChunk, Scheduler
@@ -48,10 +48,7 @@ class LLMEngine:
         self.cache_shape = CacheShape(num_blocks, config.block_size)
         self.kv = KVCacheManager(num_blocks, config.block_size, mc.sliding_window, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
-        self.executor = executor or LocalExecutor(
-            ModelRunner(config.model, mc, self.dtype, self.cache_shape, device=config.device,
-                        show_progress=config.show_progress)
-        )
+        self.executor = executor or make_executor(config, mc, self.dtype, self.cache_shape)
         self.stats = EngineStats()
         self._requests: dict[str, tuple[str | None, list[Sequence]]] = {}
         self._seq_ids = count()

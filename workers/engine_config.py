@@ -1,6 +1,6 @@
 """Knobs of one engine (one replica). Filled from the cluster settings model; no env reads."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,6 +19,12 @@ class EngineConfig:
     max_model_len: int | None = None  # prompt + output; default: the model's context length
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
+    distributed: bool = False  # run ranks as Ray actors even when tensor_parallel_size is 1
+    rank_bundle: dict = field(default_factory=lambda: {"CPU": 1.0})  # Ray resources of one rank
+    placement_strategy: str = "STRICT_PACK"
+    use_current_placement_group: bool = False  # inside a Serve replica with placement_group_bundles
+    rank_bundle_offset: int = 0
+    rank_threads: int | None = None
     device: str = "cpu"
     seed: int = 0  # seeds the seeds of unseeded requests
     show_progress: bool = False

@@ -2,7 +2,11 @@
 
 from typing import Protocol
 
-from .model_runner import ModelRunner
+import torch
+
+from .config import ModelConfig
+from .engine_config import EngineConfig
+from .model_runner import CacheShape, ModelRunner
 from .step_input import StepInput, StepOutput
 
 
@@ -29,3 +33,21 @@ class LocalExecutor:
 
     def shutdown(self) -> None:
         self.runner = None
+
+
+def make_executor(config: EngineConfig, model_config: ModelConfig, dtype: torch.dtype, cache: CacheShape) -> Executor:
+    """In-process for a single rank; Ray actors in a placement group for tensor parallelism."""
+    if config.tensor_parallel_size == 1 and not config.distributed:
+        runner = ModelRunner(config.model, model_config, dtype, cache, device=config.device,
+                             show_progress=config.show_progress)
+        return LocalExecutor(runner)
+    from .ray_executor import PlacementSpec, RayExecutor
+
+    placement = PlacementSpec(
+        rank_bundle=dict(config.rank_bundle), strategy=config.placement_strategy,
+        use_current_placement_group=config.use_current_placement_group,
+        rank_bundle_offset=config.rank_bundle_offset, rank_threads=config.rank_threads,
+    )
+    dtype_name = str(dtype).replace("torch.", "")
+    return RayExecutor(config.model, model_config, dtype_name, cache, config.tensor_parallel_size, placement,
+                       device=config.device)

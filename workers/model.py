@@ -97,6 +97,18 @@ class MixtralModel:
         self.all_reduce = all_reduce
         self.dtype = embed.dtype
 
+    def weight_bytes(self) -> int:
+        """Bytes of the weights this rank holds."""
+        tensors = [self.embed, self.norm, self.lm_head.data]
+        for layer in self.layers:
+            tensors += [layer.input_norm, layer.post_attention_norm, layer.attention.qkv.data, layer.attention.o.data]
+            mlp = layer.mlp
+            if isinstance(mlp, SparseMoe):
+                tensors += [mlp.gate] + [w.data for w in mlp.w13] + [w.data for w in mlp.w2]
+            else:
+                tensors += [mlp.w13.data, mlp.w2.data]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     @torch.inference_mode()
     def forward(
         self,

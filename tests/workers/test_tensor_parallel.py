@@ -1,0 +1,108 @@
+"""Tensor parallelism across Ray actors (gloo on CPU): same outputs as one rank, shards only,
+failures surface as errors instead of hangs."""
+
+import asyncio
+import time
+
+import pytest
+import ray
+import torch
+
+from mixserve.workers.async_engine import AsyncLLMEngine, EngineDeadError
+from mixserve.workers.config import CheckpointError
+from mixserve.workers.step_input import SeqChunk, StepInput
+
+from .engine_helpers import greedy, make_engine, output_ids, random_prompts
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def tp2(path, **overrides):
+    return make_engine(path, tensor_parallel_size=2, rank_bundle={"CPU": 1}, **overrides)
+
+
+@pytest.mark.parametrize("name", ["tiny_checkpoint", "tiny_dense_checkpoint"])
+def test_tp2_greedy_outputs_equal_tp1(request, name):
+    path = request.getfixturevalue(name)
+    prompts = random_prompts([9, 40, 100], seed=61)
+    expected = output_ids(make_engine(path).generate(prompts, greedy(20)))
+    engine = tp2(path)
+    try:
+        assert output_ids(engine.generate(prompts, greedy(20))) == expected
+    finally:
+        engine.shutdown()
+
+
+def test_tp2_logits_match_tp1_within_1e4(tiny_checkpoint):
+    prompt = random_prompts([90], seed=62)[0]
+    step = StepInput([SeqChunk(0, prompt, 0, list(range(6)), 0, None, prompt_logprob_targets=prompt[1:] + [0])])
+    single = make_engine(tiny_checkpoint).executor.runner
+    from mixserve.workers.model_inputs import build_model_inputs
+
+    inputs = build_model_inputs(step, 16, single.config.sliding_window)
+    expected = single.model.forward(inputs.input_ids, inputs.positions, inputs.meta, single.kv_cache,
+                                    inputs.logits_indices)
+    engine = tp2(tiny_checkpoint)
+    try:
+        got = engine.executor.logits(step)
+    finally:
+        engine.shutdown()
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_each_rank_holds_its_shard_plus_the_replicated_tensors(tiny_checkpoint):
+    engine = tp2(tiny_checkpoint)
+    try:
+        per_rank = engine.executor.rank_weight_bytes
+    finally:
+        engine.shutdown()
+    c = engine.model_config
+    f32 = 4
+    replicated = (2 * c.vocab_size * c.hidden_size  # embedding, LM head
+                  + c.hidden_size * (2 * c.num_layers + 1)  # norms
+                  + c.num_layers * c.num_experts * c.hidden_size) * f32  # router gates
+    attention = c.num_layers * c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads) * f32
+    experts = c.num_layers * c.num_experts * 3 * c.hidden_size * c.intermediate_size * f32
+    assert per_rank == [replicated + (attention + experts) // 2] * 2
+
+
+def test_tp_size_that_does_not_divide_the_heads_fails_before_any_actor_starts(tiny_checkpoint):
+    cpus = ray.available_resources().get("CPU")
+    started = time.monotonic()
+    with pytest.raises(CheckpointError, match="tensor-parallel size 3"):
+        make_engine(tiny_checkpoint, tensor_parallel_size=3, rank_bundle={"CPU": 1})
+    assert time.monotonic() - started < 5
+    assert ray.available_resources().get("CPU") == cpus
+
+
+def test_killing_a_rank_mid_generation_errors_within_30s_and_a_new_engine_starts(tiny_checkpoint):
+    driver = AsyncLLMEngine(tp2(tiny_checkpoint))
+    victim = driver.engine.executor.workers[1]
+
+    async def generate_until_killed():
+        got = 0
+        async for _ in driver.generate(random_prompts([20], seed=63)[0], greedy(2000)):
+            got += 1
+            if got == 3:
+                ray.kill(victim, no_restart=True)
+                killed_at.append(time.monotonic())
+        return got
+
+    killed_at: list[float] = []
+    with pytest.raises(EngineDeadError):
+        asyncio.run(generate_until_killed())
+    assert killed_at and time.monotonic() - killed_at[0] < 30
+    assert not driver.is_healthy
+    driver.shutdown()
+
+    fresh = tp2(tiny_checkpoint)
+    try:
+        assert len(fresh.generate(random_prompts([12], seed=64), greedy(8))[0].outputs[0].token_ids) == 8
+    finally:
+        fresh.shutdown()

@@ -1,0 +1,82 @@
+"""One tensor-parallel rank of a replica, run as a Ray actor by workers/ray_executor.py.
+
+It holds only its shard of the weights (read as lazy safetensors slices) and its shard of the KV
+cache (its KV heads). Every rank receives the same StepInput and runs the same forward; the
+communicator sums partial results twice per layer; only the rank asked to sample returns tokens.
+Plain class: `ray.remote` wraps it where the actors are created, so it is testable without Ray.
+"""
+
+import torch
+
+from .communicator import CupyNcclCommunicator, GlooCommunicator, free_rendezvous_address
+from .config import DTYPES, ModelConfig
+from .loader import ShardSpec
+from .model_inputs import build_model_inputs
+from .model_runner import CacheShape, ModelRunner
+from .step_input import StepInput, StepOutput
+
+
+class RankWorker:
+    def __init__(self, rank: int, world_size: int, num_threads: int | None = None):
+        self.rank, self.world_size = rank, world_size
+        self.communicator = None
+        self.runner: ModelRunner | None = None
+        if num_threads:
+            torch.set_num_threads(num_threads)
+
+    # ---- start-up, in this order ------------------------------------------------------------
+
+    def rendezvous_address(self) -> str:
+        """Called on rank 0: a gloo rendezvous address on this node."""
+        import ray
+
+        return free_rendezvous_address(ray.util.get_node_ip_address())
+
+    def nccl_unique_id(self) -> tuple:
+        """Called on rank 0: the NCCL unique id every rank joins with."""
+        return CupyNcclCommunicator.make_unique_id()
+
+    def init_communicator(self, backend: str, rendezvous, timeout_s: float = 60.0) -> None:
+        if backend == "gloo":
+            self.communicator = GlooCommunicator(rendezvous, self.rank, self.world_size, timeout_s)
+        elif backend == "nccl":
+            torch.cuda.set_device(0)  # Ray exposes exactly the rank's GPU as device 0
+            self.communicator = CupyNcclCommunicator(rendezvous, self.rank, self.world_size, 0)
+        else:
+            raise ValueError(f"unknown communicator backend {backend!r}")
+
+    def load(self, model_path: str, config: ModelConfig, dtype: str, cache: CacheShape, device: str) -> int:
+        """Load this rank's shard and allocate its KV cache; returns its weight bytes."""
+        all_reduce = self.communicator.all_reduce if self.communicator else (lambda x: x)
+        self.runner = ModelRunner(
+            model_path, config, DTYPES[dtype], cache, ShardSpec(self.rank, self.world_size), all_reduce,
+            device="cuda" if device == "cuda" else "cpu",
+        )
+        return self.weight_bytes()
+
+    # ---- serving ----------------------------------------------------------------------------
+
+    def execute(self, step: StepInput, sample: bool) -> StepOutput | None:
+        return self.runner.execute(step, sample=sample)
+
+    @torch.inference_mode()
+    def logits(self, step: StepInput) -> torch.Tensor:
+        """The full logits [R, V] this step would sample from (for scoring and tests)."""
+        r = self.runner
+        inputs = build_model_inputs(step, r.cache.block_size, r.config.sliding_window)
+        return r.model.forward(inputs.input_ids, inputs.positions, inputs.meta, r.kv_cache, inputs.logits_indices)
+
+    def weight_bytes(self) -> int:
+        return self.runner.model.weight_bytes()
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def ping(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if self.communicator is not None:
+            self.communicator.close()

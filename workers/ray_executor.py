@@ -1,0 +1,128 @@
+"""Run each step on tensor-parallel ranks: one Ray actor per rank, all in one placement group.
+
+Placement: one bundle per rank (`{"GPU": 1, "CPU": 1}` on GPU machines, a CPU fraction on CPU),
+STRICT_PACK by default so that a replica's ranks share a node. Inside a Ray Serve replica the
+executor uses the replica's own placement group (Serve's `placement_group_bundles`), the ranks
+taking bundles `rank_bundle_offset ..`; elsewhere it creates (and later removes) its own.
+
+Per step: the same StepInput goes to every rank in parallel; rank 0 samples and returns tokens.
+Failure: if any rank's call fails (its actor died, its communicator broke) or the step exceeds
+`step_timeout_s`, `execute` raises RankFailure at once; the engine then reports itself unhealthy.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+import ray
+from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from .config import ModelConfig
+from .model_runner import CacheShape
+from .rank_worker import RankWorker
+from .step_input import StepInput, StepOutput
+
+
+class RankFailure(RuntimeError):
+    """A tensor-parallel rank failed; this replica can no longer run steps."""
+
+
+@dataclass(slots=True)
+class PlacementSpec:
+    rank_bundle: dict = field(default_factory=lambda: {"CPU": 1.0})
+    strategy: str = "STRICT_PACK"
+    use_current_placement_group: bool = False  # inside a Serve replica with placement_group_bundles
+    rank_bundle_offset: int = 0  # first bundle of the current group that belongs to rank 0
+    rank_threads: int | None = None  # torch threads per rank (default: the bundle's CPUs, at least 1)
+
+
+class RayExecutor:
+    def __init__(
+        self,
+        model_path: str,
+        config: ModelConfig,
+        dtype: str,
+        cache: CacheShape,
+        world_size: int,
+        placement: PlacementSpec,
+        device: str = "cpu",
+        start_timeout_s: float = 300.0,
+        step_timeout_s: float = 600.0,
+    ):
+        if not ray.is_initialized():
+            ray.init()
+        self.world_size = world_size
+        self.step_timeout_s = step_timeout_s
+        self._owns_group = not placement.use_current_placement_group
+        if self._owns_group:
+            self.placement_group = placement_group([dict(placement.rank_bundle)] * world_size, placement.strategy)
+            offset = 0
+        else:
+            self.placement_group = get_current_placement_group()
+            if self.placement_group is None:
+                raise RuntimeError("use_current_placement_group is set but this process is not in a placement group")
+            offset = placement.rank_bundle_offset
+        ray.get(self.placement_group.ready(), timeout=start_timeout_s)
+        threads = placement.rank_threads or max(1, int(placement.rank_bundle.get("CPU", 1)))
+        remote = ray.remote(RankWorker)
+        self.workers = [
+            remote.options(
+                num_cpus=placement.rank_bundle.get("CPU", 0),
+                num_gpus=placement.rank_bundle.get("GPU", 0),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self.placement_group, placement_group_bundle_index=offset + rank
+                ),
+            ).remote(rank, world_size, threads)
+            for rank in range(world_size)
+        ]
+        try:
+            backend = "nccl" if device == "cuda" else "gloo"
+            first = self.workers[0]
+            rendezvous = ray.get(
+                first.nccl_unique_id.remote() if backend == "nccl" else first.rendezvous_address.remote(),
+                timeout=start_timeout_s,
+            )
+            self._wait_all([w.init_communicator.remote(backend, rendezvous, start_timeout_s) for w in self.workers],
+                           start_timeout_s)
+            self.rank_weight_bytes = self._wait_all(
+                [w.load.remote(model_path, config, dtype, cache, device) for w in self.workers], start_timeout_s
+            )
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _wait_all(self, refs: list, timeout_s: float) -> list:
+        """All results, or RankFailure as soon as any rank fails or time runs out."""
+        deadline = time.monotonic() + timeout_s
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise RankFailure(f"a tensor-parallel rank did not answer within {timeout_s:.0f} s")
+            try:
+                ray.get(ready[0])
+            except Exception as exc:
+                raise RankFailure(f"a tensor-parallel rank failed: {exc}") from exc
+        return ray.get(refs)
+
+    def execute(self, step: StepInput) -> StepOutput:
+        refs = [w.execute.remote(step, rank == 0) for rank, w in enumerate(self.workers)]
+        return self._wait_all(refs, self.step_timeout_s)[0]
+
+    def logits(self, step: StepInput):
+        """Full logits from rank 0 (every rank runs the forward)."""
+        return self._wait_all([w.logits.remote(step) for w in self.workers], self.step_timeout_s)[0]
+
+    def node_ids(self) -> list[str]:
+        return ray.get([w.node_id.remote() for w in self.workers])
+
+    def check_health(self) -> None:
+        self._wait_all([w.ping.remote() for w in self.workers], 30.0)
+
+    def shutdown(self) -> None:
+        for w in getattr(self, "workers", []):
+            ray.kill(w, no_restart=True)
+        self.workers = []
+        if self._owns_group and getattr(self, "placement_group", None) is not None:
+            remove_placement_group(self.placement_group)
+            self.placement_group = None
