@@ -63,8 +63,10 @@ class CheckpointReader:
     def __init__(self, path: str | Path, config: ModelConfig):
         self.path = Path(path)
         self.config = config
-        self._handles = [safe_open(str(f), framework="pt") for f in _checkpoint_files(self.path, config.layout)]
-        self._where = {name: h for h in self._handles for name in h.keys()}
+        self._where: dict[str, Path] = {}
+        for file in _checkpoint_files(self.path, config.layout):
+            with safe_open(str(file), framework="pt") as handle:
+                self._where.update((name, file) for name in handle.keys())
 
     def read(
         self,
@@ -75,20 +77,46 @@ class CheckpointReader:
         cols: slice | None = None,
     ) -> torch.Tensor:
         """The tensor (or its rows/cols slice), checked against its expected full shape, cast to dtype."""
+        shape = [len(range(*(s or slice(None)).indices(n))) for s, n in zip((rows, cols), expected_shape)]
+        out = torch.empty(shape + list(expected_shape[2:]), dtype=dtype)
+        self.read_into(out, hf_name, expected_shape, rows, cols)
+        return out
+
+    def read_into(
+        self,
+        out: torch.Tensor,
+        hf_name: str,
+        expected_shape: tuple[int, ...],
+        rows: slice | None = None,
+        cols: slice | None = None,
+    ) -> None:
+        """Copy the tensor (or its slice) straight into `out` (e.g. a part of a fused weight).
+
+        The file is mapped only while a piece is copied, and big tensors are copied in row chunks,
+        so the checkpoint pages read never stay resident: peak memory stays near the weights kept.
+        """
         name = hf_name if self.config.layout == "hf" else _mistral_name(hf_name)
-        handle = self._where.get(name)
-        if handle is None:
+        file = self._where.get(name)
+        if file is None:
             raise CheckpointError(f"checkpoint {self.path} is missing tensor {name}")
-        lazy = handle.get_slice(name)
-        shape = tuple(lazy.get_shape())
-        if shape != tuple(expected_shape):
-            raise CheckpointError(f"tensor {name} has shape {list(shape)}, expected {list(expected_shape)}")
-        rows = rows or slice(None)
-        tensor = lazy[rows] if cols is None else lazy[rows, cols]
-        permuted = _ROTARY_PERMUTED.fullmatch(hf_name)
-        if self.config.layout == "mistral" and permuted:
-            tensor = _interleaved_to_half(tensor, self.config.head_dim)
-        return tensor.to(dtype).contiguous()
+        permute = self.config.layout == "mistral" and _ROTARY_PERMUTED.fullmatch(hf_name) is not None
+        first, last, _ = (rows or slice(None)).indices(expected_shape[0])
+        row_bytes = max(1, out[0].numel() * out.element_size()) if out.shape[0] else 1
+        step = last - first if permute else max(1, _CHUNK_BYTES // row_bytes)
+        for chunk_start in range(first, last, step):
+            chunk = slice(chunk_start, min(chunk_start + step, last))
+            with safe_open(str(file), framework="pt") as handle:
+                lazy = handle.get_slice(name)
+                shape = tuple(lazy.get_shape())
+                if shape != tuple(expected_shape):
+                    raise CheckpointError(f"tensor {name} has shape {list(shape)}, expected {list(expected_shape)}")
+                part = lazy[chunk] if cols is None else lazy[chunk, cols]
+                if permute:
+                    part = _interleaved_to_half(part, self.config.head_dim)
+                out[chunk.start - first : chunk.stop - first].copy_(part)
+
+
+_CHUNK_BYTES = 16 << 20
 
 
 def _interleaved_to_half(weight: torch.Tensor, head_dim: int) -> torch.Tensor:

@@ -126,11 +126,19 @@ def load_model_config(path: str | Path) -> ModelConfig:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder {path} does not exist")
     if (path / "config.json").exists():
-        config = _from_hf(json.loads((path / "config.json").read_text()))
+        source, parse = path / "config.json", _from_hf
     elif (path / "params.json").exists():
-        config = _from_mistral(json.loads((path / "params.json").read_text()), path)
+        source, parse = path / "params.json", lambda raw: _from_mistral(raw, path)
     else:
         raise CheckpointError(f"{path} has neither config.json (Hugging Face) nor params.json (Mistral)")
+    try:
+        config = parse(json.loads(source.read_text()))
+    except KeyError as missing:
+        raise CheckpointError(f"{source} is missing the field {missing}") from None
+    except (TypeError, ValueError, json.JSONDecodeError) as bad:
+        if isinstance(bad, CheckpointError):
+            raise
+        raise CheckpointError(f"{source} is not a valid model config: {bad}") from None
     if config.num_heads % config.num_kv_heads:
         raise CheckpointError(
             f"num_attention_heads {config.num_heads} is not a multiple of num_key_value_heads {config.num_kv_heads}"

@@ -7,6 +7,8 @@ Each tensor is read as a lazy safetensors slice and cast on its own, so peak mem
 is this rank's weights plus one tensor.
 """
 
+import ctypes
+import ctypes.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,16 @@ from ..kernels.rotary import rotary_table
 from .checkpoint import CheckpointReader
 from .config import CheckpointError, ModelConfig
 from .model import AllReduce, Attention, DecoderLayer, DenseMlp, MixtralModel, SparseMoe, no_all_reduce
+
+
+def _return_freed_memory() -> None:
+    """Hand memory freed by load-time temporaries back to the OS (glibc keeps freed heap chunks,
+    which would otherwise inflate the resident set by up to one copy of the weights)."""
+    name = ctypes.util.find_library("c")
+    if name:
+        libc = ctypes.CDLL(name)
+        if hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,21 +73,24 @@ def load_model(
     def read(name, shape, rows=None, cols=None):
         return reader.read(name, shape, dtype, rows, cols).to(device)
 
-    def fused(names, shape, rows):
-        return pack_weight(torch.cat([read(n, shape, rows=rows) for n in names]))
+    def fused(parts: list[tuple[str, tuple[int, int], slice]]):
+        """Row-wise concatenation of slices, read straight into one buffer: [sum rows, in]."""
+        sizes = [r.stop - r.start for _, _, r in parts]
+        out = torch.empty(sum(sizes), parts[0][1][1], dtype=dtype)
+        for (name, shape, rows), start in zip(parts, [sum(sizes[:i]) for i in range(len(sizes))]):
+            reader.read_into(out[start : start + rows.stop - rows.start], name, shape, rows=rows)
+        return pack_weight(out.to(device))
 
     layers = []
     for i in tqdm(range(c.num_layers), desc="loading layers", disable=not show_progress):
         p = f"model.layers.{i}."
         attn = Attention(
-            qkv=pack_weight(
-                torch.cat(
-                    [
-                        read(p + "self_attn.q_proj.weight", (c.num_heads * dh, hidden), rows=q_rows),
-                        read(p + "self_attn.k_proj.weight", (c.num_kv_heads * dh, hidden), rows=kv_rows),
-                        read(p + "self_attn.v_proj.weight", (c.num_kv_heads * dh, hidden), rows=kv_rows),
-                    ]
-                )
+            qkv=fused(
+                [
+                    (p + "self_attn.q_proj.weight", (c.num_heads * dh, hidden), q_rows),
+                    (p + "self_attn.k_proj.weight", (c.num_kv_heads * dh, hidden), kv_rows),
+                    (p + "self_attn.v_proj.weight", (c.num_kv_heads * dh, hidden), kv_rows),
+                ]
             ),
             o=pack_weight(read(p + "self_attn.o_proj.weight", (hidden, c.num_heads * dh), cols=q_rows)),
             num_heads=c.num_heads // shard.world_size,
@@ -87,7 +102,7 @@ def load_model(
             mlp = SparseMoe(
                 gate=read(e + "gate.weight", (c.num_experts, hidden)),
                 w13=[
-                    fused([f"{e}experts.{x}.w1.weight", f"{e}experts.{x}.w3.weight"], (inter, hidden), i_part)
+                    fused([(f"{e}experts.{x}.{w}.weight", (inter, hidden), i_part) for w in ("w1", "w3")])
                     for x in range(c.num_experts)
                 ],
                 w2=[
@@ -98,9 +113,10 @@ def load_model(
             )
         else:
             mlp = DenseMlp(
-                w13=fused([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], (inter, hidden), i_part),
+                w13=fused([(p + f"mlp.{w}_proj.weight", (inter, hidden), i_part) for w in ("gate", "up")]),
                 w2=pack_weight(read(p + "mlp.down_proj.weight", (hidden, inter), cols=i_part)),
             )
+        _return_freed_memory()
         layers.append(
             DecoderLayer(
                 input_norm=read(p + "input_layernorm.weight", (hidden,)),

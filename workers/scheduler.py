@@ -98,16 +98,15 @@ class Scheduler:
                 budget -= n
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not seq.block_table:
-                hit = self.kv.lookup_prefix(seq)
-                if not seq.admitted_once:
-                    self.prefix_queries += seq.num_tokens
-                    self.prefix_hits += hit
-                    seq.num_cached_prompt_tokens = min(hit, seq.num_tokens)
+            hit = self.kv.lookup_prefix(seq) if not seq.block_table else seq.num_prefix_hit_tokens
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.kv.allocate_slots(seq, n):
                 self.kv.free(seq)  # give back the prefix blocks; try again next step
                 break
+            if not seq.admitted_once:
+                self.prefix_queries += seq.num_tokens
+                self.prefix_hits += hit
+                seq.num_cached_prompt_tokens = min(hit, seq.num_tokens)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             seq.admitted_once = True

@@ -246,11 +246,6 @@ def test_admission_takes_the_cached_prefix_and_counts_it_once():
     assert (sched.prefix_queries, sched.prefix_hits) == (20, 8)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scheduler.py:103-106 counts prefix_queries/prefix_hits before allocate_slots succeeds, and "
-    "admitted_once stays False after a failed attempt, so every retried admission counts again",
-)
 def test_prefix_cache_statistics_count_each_prompt_once_even_when_admission_is_retried():
     sched = _scheduler(num_blocks=4, budget=64)
     a = _seq(0, 11, max_tokens=3)
