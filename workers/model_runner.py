@@ -4,6 +4,7 @@ The same class serves a single-process engine (TP=1) and each tensor-parallel ra
 identical forwards on their shards, and only the rank asked to sample does so.
 """
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,8 +52,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: StepInput, sample: bool = True) -> StepOutput | None:
+        start = time.perf_counter()
         inputs = build_model_inputs(step, self.cache.block_size, self.config.sliding_window)
         logits = self.model.forward(
             inputs.input_ids, inputs.positions, inputs.meta, self.kv_cache, inputs.logits_indices
         )  # [R, V]
-        return sample_step(logits, inputs) if sample else None
+        if not sample:
+            return None
+        output = sample_step(logits, inputs)
+        output.compute_s = time.perf_counter() - start
+        return output

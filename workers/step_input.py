@@ -56,3 +56,4 @@ class SeqResult:
 @dataclass(slots=True)
 class StepOutput:
     results: dict[int, SeqResult]  # by seq_id
+    compute_s: float = 0.0  # time the sampling rank spent on the step (inputs, forward, sampling)
