@@ -110,7 +110,50 @@ def _run_demo(args: argparse.Namespace) -> int:
     return run_demo(_resolve_model(args.model, "tiny", args.cache_dir), args.message, args.max_tokens, args.seed)
 
 
-_SUBCOMMANDS = [_add_checkpoint_parser, _add_bench_parser, _add_demo_parser]
+def _add_serve_parser(subparsers) -> None:
+    from mixserve.cluster.settings import ServeSettings
+
+    p = subparsers.add_parser(
+        "serve",
+        help="serve the OpenAI-compatible API on Ray Serve",
+        description="Join the running Ray cluster (or start a local one), deploy, and serve until SIGINT/SIGTERM.",
+    )
+    fields = ServeSettings.model_fields
+    for name, field in fields.items():
+        flag = "--" + name.replace("_", "-")
+        kind = field.annotation
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=field.description)
+        else:
+            p.add_argument(flag, dest=name, type=_arg_type(kind), default=None, help=field.description)
+    p.set_defaults(handler=_run_serve)
+
+
+def _arg_type(annotation):
+    """The argparse type for a settings field (ints, floats, else strings validated by pydantic)."""
+    for candidate in (int, float):
+        if annotation is candidate or candidate in getattr(annotation, "__args__", ()):
+            return candidate
+    return str
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from mixserve.cluster.serve_command import run_serve
+    from mixserve.cluster.settings import ServeSettings
+
+    given = {k: v for k, v in vars(args).items() if k in ServeSettings.model_fields and v is not None}
+    given.setdefault("api_key", os.environ.get("MIXSERVE_API_KEY") or None)
+    try:
+        settings = ServeSettings(**given)
+    except ValueError as exc:
+        print(f"mixserve serve: {exc}", file=sys.stderr)
+        return 2
+    return run_serve(settings)
+
+
+_SUBCOMMANDS = [_add_checkpoint_parser, _add_serve_parser, _add_bench_parser, _add_demo_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

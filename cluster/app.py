@@ -1,0 +1,78 @@
+"""Build the Serve application from the settings: an OpenAI ingress in front of R LLM-server
+replicas, routed by the prefix-aware router. `app_builder` is the `import_path` target for
+`serve run` / `serve deploy` / KubeRay's serveConfigV2 (its `args:` are ServeSettings fields)."""
+
+from pathlib import Path
+
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from ..router.ingress import IngressOptions, OpenAIIngress
+from ..router.llm_server import LLMServer
+from .settings import ServeSettings
+
+PREFIX_ROUTER = "mixserve.router.prefix_router:PrefixAwareRouter"
+DEMO_MODEL_NAME = "mixserve-demo"
+
+
+def resolve_model(settings: ServeSettings) -> str:
+    """The checkpoint folder: as given, or the embedded demo model (built once into the cache)."""
+    if settings.model:
+        return settings.model
+    from ..workers.random_checkpoint import default_cache_dir, ensure_demo_checkpoint
+
+    return str(ensure_demo_checkpoint(default_cache_dir()))
+
+
+def _llm_deployment_options(s: ServeSettings) -> dict:
+    options: dict = dict(
+        name="LLMServer",
+        max_ongoing_requests=s.max_ongoing_requests,
+        max_queued_requests=s.max_queued_requests,
+        ray_actor_options={"num_cpus": s.replica_cpus},
+        health_check_period_s=5.0,
+        health_check_timeout_s=60.0,
+        graceful_shutdown_timeout_s=10.0,
+    )
+    if s.min_replicas is not None:
+        options["autoscaling_config"] = {
+            "min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
+            "initial_replicas": max(s.min_replicas, 1),
+            "target_ongoing_requests": s.target_ongoing_requests,
+        }
+    else:
+        options["num_replicas"] = s.replicas
+    if s.tensor_parallel_size > 1:
+        rank = {"CPU": s.rank_cpus, **({"GPU": s.rank_gpus} if s.rank_gpus else {})}
+        options["placement_group_bundles"] = [{"CPU": s.replica_cpus}] + [rank] * s.tensor_parallel_size
+        options["placement_group_strategy"] = s.placement_strategy
+    if s.prefix_routing:
+        options["request_router_config"] = RequestRouterConfig(
+            request_router_class=PREFIX_ROUTER,
+            request_router_kwargs={"imbalanced_threshold": s.imbalanced_threshold},
+            request_routing_stats_period_s=s.routing_stats_period_s,
+        )
+    return options
+
+
+def build_app(settings: ServeSettings) -> serve.Application:
+    model = resolve_model(settings)
+    name = settings.served_model_name or (Path(model).name if settings.model else DEMO_MODEL_NAME)
+    threads = settings.threads or (max(1, int(settings.replica_cpus)) if settings.tensor_parallel_size == 1 else 1)
+    llm = serve.deployment(LLMServer).options(**_llm_deployment_options(settings)).bind(
+        settings.engine_kwargs(model), threads
+    )
+    ingress = serve.deployment(OpenAIIngress).options(
+        name="OpenAIIngress", num_replicas=1, max_ongoing_requests=1024,
+        ray_actor_options={"num_cpus": settings.ingress_cpus},
+    )
+    options = IngressOptions(
+        model=model, served_model_name=name, block_size=settings.block_size, max_model_len=settings.max_model_len,
+        api_key=settings.api_key, max_body_bytes=settings.max_body_bytes, request_log=settings.request_log,
+    )
+    return ingress.bind(llm, options)
+
+
+def app_builder(args: dict) -> serve.Application:
+    """Serve config entry point: `import_path: mixserve.cluster.app:app_builder`, `args:` = settings."""
+    return build_app(ServeSettings.model_validate(args or {}))

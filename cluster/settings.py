@@ -1,0 +1,77 @@
+"""Every knob of a mixserve deployment, in one pydantic model.
+
+The single source for the CLI flags (`mixserve serve`), the Serve application builder's
+arguments (`import_path: mixserve.cluster.app:app_builder`, `args:` in a Serve config) and the
+deployment manifests. Values flow down from here explicitly; nothing below reads the environment.
+"""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class ServeSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # model
+    model: str | None = Field(None, description="checkpoint folder; None = the embedded demo model")
+    served_model_name: str | None = Field(None, description="name clients send as `model` (default: folder name)")
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    device: Literal["cpu", "cuda"] = "cpu"
+    # engine, per replica
+    tensor_parallel_size: int = Field(1, ge=1)
+    max_model_len: int | None = Field(None, ge=2)
+    max_num_seqs: int = Field(32, ge=1)
+    max_num_batched_tokens: int = Field(2048, ge=16)
+    block_size: int = Field(16, ge=1)
+    kv_cache_bytes: int = Field(512 << 20, ge=1 << 20, description="KV cache memory per rank")
+    enable_prefix_caching: bool = True
+    threads: int | None = Field(None, ge=1, description="torch threads per engine process")
+    # replicas and resources
+    replicas: int = Field(1, ge=1)
+    min_replicas: int | None = Field(None, ge=0, description="set with max_replicas to autoscale")
+    max_replicas: int | None = Field(None, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0)
+    replica_cpus: float = Field(1.0, gt=0, description="CPUs of an LLM-server replica actor")
+    rank_cpus: float = Field(1.0, gt=0, description="CPUs of one tensor-parallel rank actor")
+    rank_gpus: float = Field(0.0, ge=0, description="GPUs of one tensor-parallel rank actor")
+    ingress_cpus: float = Field(0.1, gt=0)
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = "STRICT_PACK"
+    max_ongoing_requests: int = Field(64, ge=1, description="requests a replica works on at once")
+    max_queued_requests: int = Field(128, ge=1, description="beyond this the API answers 503 + Retry-After")
+    # routing
+    prefix_routing: bool = True
+    imbalanced_threshold: int = Field(8, ge=0)
+    routing_stats_period_s: float = Field(2.0, gt=0)
+    # API
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    grpc_port: int | None = Field(None, ge=1, le=65535)
+    api_key: str | None = None
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    request_log: str | None = None
+    # cluster
+    address: str | None = Field(None, description="'auto' or host:port of a running Ray cluster")
+
+    @model_validator(mode="after")
+    def _autoscaling_pair(self):
+        if (self.min_replicas is None) != (self.max_replicas is None):
+            raise ValueError("set min_replicas and max_replicas together to autoscale")
+        if self.max_replicas is not None and self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+    def engine_kwargs(self, model_path: str) -> dict:
+        """Arguments of workers.engine_config.EngineConfig for one replica."""
+        rank_bundle = {"CPU": self.rank_cpus}
+        if self.rank_gpus:
+            rank_bundle["GPU"] = self.rank_gpus
+        return dict(
+            model=model_path, dtype=self.dtype, block_size=self.block_size, kv_cache_bytes=self.kv_cache_bytes,
+            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+            max_model_len=self.max_model_len, enable_prefix_caching=self.enable_prefix_caching,
+            tensor_parallel_size=self.tensor_parallel_size, device=self.device, rank_bundle=rank_bundle,
+            placement_strategy=self.placement_strategy,
+            use_current_placement_group=self.tensor_parallel_size > 1, rank_bundle_offset=1,
+            rank_threads=self.threads,
+        )

@@ -1,0 +1,72 @@
+"""The contract between the callers (HTTP/gRPC ingress, the prefix-aware router) and the
+LLM-server replicas. Plain dataclasses of lists and numbers: cheap to pickle across Ray.
+
+- The ingress tokenizes, validates and builds a GenerateRequest, including `block_hashes`: the
+  chained hashes of the prompt's full blocks (workers/prefix_hash.py, the engine's own block size),
+  which is how the router and the engine agree on what a prefix is.
+- The replica streams GenerateChunk objects: one per engine step that moved the request, the last
+  with `finished=True`. Each carries the replica's current load so the ingress can export it.
+- `record_routing_stats()` of a replica returns a ReplicaRoutingStats as a dict.
+"""
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(slots=True)
+class GenerateRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: dict  # keyword arguments of workers.sampling_params.SamplingParams
+    block_hashes: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ChoiceDelta:
+    index: int
+    delta_text: str
+    delta_token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None  # for delta_token_ids, when requested
+    finish_reason: str | None = None  # "stop", "length", "abort"
+    stop_reason: str | int | None = None
+
+
+@dataclass(slots=True)
+class ReplicaLoad:
+    replica: str
+    num_running: int
+    num_waiting: int
+    kv_usage: float  # fraction of KV blocks referenced by sequences
+    prefix_queries: int  # prompt tokens looked up in the prefix cache (cumulative)
+    prefix_hits: int  # of which were cached (cumulative)
+    preemptions: int  # cumulative
+
+
+@dataclass(slots=True)
+class GenerateChunk:
+    request_id: str
+    choices: list[ChoiceDelta]
+    finished: bool
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    load: ReplicaLoad
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first chunk, when requested
+
+
+@dataclass(slots=True)
+class ReplicaRoutingStats:
+    replica: str
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    block_size: int
+    cached_block_hashes: list[int]  # hashes of full blocks in this replica's prefix cache (bounded)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

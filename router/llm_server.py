@@ -1,0 +1,86 @@
+"""The LLM-server deployment: one engine per Serve replica.
+
+With tensor parallelism the replica owns ONE placement group (Serve's `placement_group_bundles`):
+the replica actor sits in bundle 0 and its rank actors in bundles 1..TP (see workers/ray_executor.py).
+The replica streams GenerateChunk objects (router/engine_api.py) and publishes its load and
+prefix-cache contents to the prefix-aware router through `record_routing_stats`. If the engine
+fails (a rank died), `check_health` raises and Serve replaces the replica.
+"""
+
+import torch
+from ray import serve
+
+from ..workers.async_engine import AsyncLLMEngine
+from ..workers.engine import LLMEngine
+from ..workers.engine_config import EngineConfig
+from ..workers.outputs import RequestOutput
+from ..workers.sampling_params import SamplingParams
+from .engine_api import ChoiceDelta, GenerateChunk, GenerateRequest, ReplicaLoad, ReplicaRoutingStats, TokenLogprob
+
+
+def _logprobs(entries) -> list[TokenLogprob] | None:
+    if entries is None:
+        return None
+    return [None if e is None else TokenLogprob(e.token_id, e.logprob, list(e.top)) for e in entries]
+
+
+class LLMServer:
+    def __init__(self, engine_kwargs: dict, num_threads: int | None = None, max_published_hashes: int = 8192):
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.engine = AsyncLLMEngine(LLMEngine(EngineConfig(**engine_kwargs)))
+        context = serve.get_replica_context()
+        self.replica_id = context.replica_id.unique_id if context else "local"
+        self.max_published_hashes = max_published_hashes
+
+    def load(self) -> ReplicaLoad:
+        engine = self.engine.engine
+        sched = engine.scheduler
+        return ReplicaLoad(
+            replica=self.replica_id, num_running=len(sched.running), num_waiting=len(sched.waiting),
+            kv_usage=engine.kv.usage, prefix_queries=sched.prefix_queries, prefix_hits=sched.prefix_hits,
+            preemptions=sched.num_preemptions,
+        )
+
+    def _chunk(self, out: RequestOutput, first: bool) -> GenerateChunk:
+        choices = []
+        for c in out.outputs:
+            new = len(c.delta_token_ids)
+            choices.append(ChoiceDelta(
+                index=c.index, delta_text=c.delta_text, delta_token_ids=list(c.delta_token_ids),
+                logprobs=_logprobs(c.logprobs[len(c.logprobs) - new:]) if c.logprobs is not None else None,
+                finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+            ))
+        return GenerateChunk(
+            request_id=out.request_id, choices=choices, finished=out.finished,
+            num_prompt_tokens=len(out.prompt_token_ids), num_cached_tokens=out.num_cached_tokens,
+            load=self.load(), prompt_logprobs=_logprobs(out.prompt_logprobs) if first else None,
+        )
+
+    async def generate(self, request: GenerateRequest):
+        """Stream GenerateChunks for one request. Raises ValueError for a request the engine refuses."""
+        params = SamplingParams(**request.sampling)
+        first = True
+        async for out in self.engine.generate(request.prompt_token_ids, params, request.request_id):
+            yield self._chunk(out, first)
+            first = False
+
+    def record_routing_stats(self) -> dict:
+        engine = self.engine.engine
+        hashes = list(engine.kv.pool.by_hash)[-self.max_published_hashes:]
+        load = self.load()
+        return ReplicaRoutingStats(
+            replica=self.replica_id, num_running=load.num_running, num_waiting=load.num_waiting,
+            kv_usage=load.kv_usage, block_size=engine.config.block_size, cached_block_hashes=hashes,
+        ).to_dict()
+
+    async def stats(self) -> dict:
+        return {"load": self.load(), "engine": self.engine.engine.stats}
+
+    async def check_health(self) -> None:
+        self.engine.check_health()
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()

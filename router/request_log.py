@@ -1,0 +1,90 @@
+"""One log line per request: id, replica, prompt/completion tokens, TTFT, total time, status.
+
+Written through the `mixserve.requests` logger and, when a path is given, appended as JSON lines.
+"""
+
+import json
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+from .engine_api import GenerateChunk
+
+logger = logging.getLogger("mixserve.requests")
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    endpoint: str
+    request_id: str = ""
+    replica: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    ttft_s: float | None = None
+    total_s: float = 0.0
+    status: str = ""
+    http_status: int = 0
+    finish_reasons: list = field(default_factory=list)
+    _started: float = field(default_factory=time.perf_counter)
+    _last_token_at: float | None = None
+    _gaps: list = field(default_factory=list)  # (seconds, tokens) between streamed chunks
+
+    def start(self, request_id: str, prompt_tokens: int) -> None:
+        self.request_id, self.prompt_tokens = request_id, prompt_tokens
+
+    def on_chunk(self, chunk: GenerateChunk) -> None:
+        now = time.perf_counter()
+        self.replica = chunk.load.replica
+        self.cached_tokens = chunk.num_cached_tokens
+        new = sum(len(c.delta_token_ids) for c in chunk.choices)
+        if new:
+            if self.ttft_s is None:
+                self.ttft_s = now - self._started
+            elif self._last_token_at is not None:
+                self._gaps.append((now - self._last_token_at, new))
+            self._last_token_at = now
+            self.completion_tokens += new
+        self.finish_reasons += [c.finish_reason for c in chunk.choices if c.finish_reason]
+
+    def finish(self, http_status: int) -> None:
+        self.total_s = time.perf_counter() - self._started
+        self.http_status = http_status
+        if not self.status:
+            self.status = "ok" if http_status == 200 else "error"
+
+    def observe(self, metrics) -> None:
+        model = metrics.model
+        if self.prompt_tokens and self.http_status == 200:
+            metrics.prompt_tokens.labels(model).inc(self.prompt_tokens)
+        if self.completion_tokens:
+            metrics.generation_tokens.labels(model).inc(self.completion_tokens)
+        if self.ttft_s is not None:
+            metrics.ttft.labels(model).observe(self.ttft_s)
+        for gap, tokens in self._gaps:
+            for _ in range(tokens):
+                metrics.itl.labels(model).observe(gap / tokens)
+        if self.http_status == 200:
+            metrics.e2e.labels(model).observe(self.total_s)
+        for reason in self.finish_reasons:
+            metrics.request_success.labels(model, reason).inc()
+
+    def line(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+        d["ttft_s"] = None if self.ttft_s is None else round(self.ttft_s, 4)
+        d["total_s"] = round(self.total_s, 4)
+        return d
+
+
+class RequestLog:
+    def __init__(self, path: str | None):
+        self.path = path
+        self._lock = threading.Lock()
+
+    def write(self, record: RequestRecord) -> None:
+        line = json.dumps(record.line())
+        logger.info(line)
+        if self.path:
+            with self._lock, open(self.path, "a") as f:
+                f.write(line + "\n")
