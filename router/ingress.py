@@ -157,9 +157,10 @@ class OpenAIIngress:
 
     async def _chunks(self, req: GenerateRequest, record: RequestRecord):
         """The replica's chunks for one request; cancels it if the caller stops early."""
-        stream = self.llm.options(stream=True).generate.remote(req)
+        stream = None
         finished = False
         try:
+            stream = self.llm.options(stream=True).generate.remote(req)
             async for chunk in stream:
                 chunk: GenerateChunk
                 record.on_chunk(chunk)
@@ -168,11 +169,15 @@ class OpenAIIngress:
                 yield chunk
         except BackPressureError:
             raise ApiError(503, "the server is at capacity; retry shortly", "server_overloaded", 503) from None
+
         except ValueError as exc:
             raise ApiError(400, str(getattr(exc, "cause", None) or exc)) from None
         finally:
-            if not finished:
-                stream.cancel()
+            if not finished and stream is not None:
+                try:
+                    stream.cancel()
+                except Exception:  # a request that was never assigned re-raises its error here
+                    pass
                 record.status = record.status or "cancelled"
 
     async def _finish(self, record: RequestRecord, endpoint: str, status: int) -> None:
@@ -190,6 +195,7 @@ class OpenAIIngress:
             record.status = "error"
             await self._finish(record, endpoint, exc.status)
             raise
+
         if isinstance(response, StreamingResponse):
             return response  # the stream records its own end
         await self._finish(record, endpoint, 200)
