@@ -27,6 +27,7 @@ from ..workers.prefix_hash import block_hashes
 from ..workers.sampling_params import SamplingParams
 from ..workers.tokenizer import Tokenizer
 from .engine_api import GenerateChunk, GenerateRequest
+from .grpc_service import GrpcGenerateMixin
 from .metrics import ServingMetrics
 from .openai_format import ResponseBuilder
 from .protocol import ChatCompletionRequest, CompletionRequest, describe_validation_error, error_body
@@ -75,7 +76,7 @@ async def _prefetched(chunks):
 
 
 @serve.ingress(api)
-class OpenAIIngress:
+class OpenAIIngress(GrpcGenerateMixin):
     def __init__(self, llm_server, options: IngressOptions):
         self.llm = llm_server
         self.opts = options

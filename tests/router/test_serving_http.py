@@ -12,7 +12,7 @@ from mixserve.workers.engine import LLMEngine
 from mixserve.workers.engine_config import EngineConfig
 from mixserve.workers.sampling_params import SamplingParams
 
-from .serve_helpers import llm_stats, start, stop
+from .serve_helpers import free_port, llm_stats, start, stop
 
 KEY = "test-key-123"
 
@@ -20,7 +20,8 @@ KEY = "test-key-123"
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint, tmp_path_factory):
     log = tmp_path_factory.mktemp("log") / "requests.jsonl"
-    url, settings = start(tiny_checkpoint, api_key=KEY, request_log=str(log), prefix_routing=False)
+    url, settings = start(tiny_checkpoint, api_key=KEY, request_log=str(log), prefix_routing=False,
+                          grpc_port=free_port())
     yield url, settings, log
     stop()
 
@@ -189,3 +190,35 @@ def test_each_request_is_logged_as_one_json_line(server, client):
     assert last["request_id"].startswith("cmpl-") and last["replica"] and last["status"] == "ok"
     assert last["prompt_tokens"] > 0 and last["completion_tokens"] == 3 and last["ttft_s"] is not None
     assert any(line["http_status"] == 401 for line in lines)
+
+
+def _grpc_stub(settings):
+    import grpc
+
+    from mixserve.router import generate_pb2_grpc
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{settings.grpc_port}")
+    return generate_pb2_grpc.GenerateServiceStub(channel)
+
+
+def test_grpc_generate_unary_and_streaming_match_http(server, client):
+    import grpc
+
+    from mixserve.router import generate_pb2
+
+    settings = server[1]
+    stub = _grpc_stub(settings)
+    auth = (("authorization", f"Bearer {KEY}"),)
+    request = generate_pb2.GenerateRequest(prompt="gRPC says", max_tokens=10, temperature=0)
+    http_text = client.completions.create(model=_model(client), prompt="gRPC says", max_tokens=10,
+                                          temperature=0).choices[0].text
+    reply = stub.Generate(request, metadata=auth, timeout=60)
+    assert reply.text == http_text and reply.completion_tokens == len(reply.token_ids) and reply.finish_reason
+    parts = list(stub.GenerateStream(request, metadata=auth, timeout=60))
+    assert "".join(p.text for p in parts) == http_text and parts[-1].finish_reason == reply.finish_reason
+    with pytest.raises(grpc.RpcError) as denied:
+        stub.Generate(request, timeout=60)
+    assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as bad:
+        stub.Generate(generate_pb2.GenerateRequest(prompt_token_ids=[1, 32000]), metadata=auth, timeout=60)
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "vocabulary" in bad.value.details()
