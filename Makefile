@@ -15,9 +15,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# Until the Ray Serve app lands (serving issue), `serve` streams from the embedded demo model.
+# Serves the embedded demo model on http://127.0.0.1:8000 (OpenAI API under /v1).
 serve: $(STAMP)
-	$(BIN)/mixserve demo
+	$(BIN)/mixserve serve
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
