@@ -1,0 +1,55 @@
+"""The settings model drives the Serve deployment options and the engine arguments."""
+
+import pytest
+from pydantic import ValidationError
+
+from mixserve.cluster.app import _llm_deployment_options
+from mixserve.cluster.cli import build_parser
+from mixserve.cluster.settings import ServeSettings
+
+
+def test_autoscaling_settings_become_serve_autoscaling_config():
+    options = _llm_deployment_options(ServeSettings(min_replicas=1, max_replicas=4, target_ongoing_requests=6))
+    assert options["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "initial_replicas": 1,
+                                             "target_ongoing_requests": 6.0}
+    assert "num_replicas" not in options
+
+
+def test_fixed_replicas_and_backpressure_limits():
+    options = _llm_deployment_options(ServeSettings(replicas=3, max_ongoing_requests=5, max_queued_requests=7))
+    assert (options["num_replicas"], options["max_ongoing_requests"], options["max_queued_requests"]) == (3, 5, 7)
+
+
+def test_tensor_parallel_replica_owns_one_placement_group_with_a_bundle_per_rank():
+    s = ServeSettings(tensor_parallel_size=2, replica_cpus=1, rank_cpus=4, rank_gpus=1)
+    options = _llm_deployment_options(s)
+    assert options["placement_group_bundles"] == [{"CPU": 1}, {"CPU": 4, "GPU": 1}, {"CPU": 4, "GPU": 1}]
+    assert options["placement_group_strategy"] == "STRICT_PACK"
+    engine = s.engine_kwargs("/models/x")
+    assert engine["use_current_placement_group"] and engine["rank_bundle_offset"] == 1
+    assert engine["rank_bundle"] == {"CPU": 4, "GPU": 1}
+
+
+def test_prefix_router_is_configured_through_serves_request_router_config():
+    options = _llm_deployment_options(ServeSettings(imbalanced_threshold=3, routing_stats_period_s=1.5))
+    config = options["request_router_config"]
+    assert config.request_router_class == "mixserve.router.prefix_router:PrefixAwareRouter"
+    assert config.request_router_kwargs == {"imbalanced_threshold": 3}
+    assert config.request_routing_stats_period_s == 1.5
+    assert "request_router_config" not in _llm_deployment_options(ServeSettings(prefix_routing=False))
+
+
+@pytest.mark.parametrize("bad", [dict(min_replicas=1), dict(min_replicas=3, max_replicas=2), dict(port=0),
+                                 dict(tensor_parallel_size=0), dict(dtype="int8"), dict(unknown=1)])
+def test_invalid_settings_are_rejected(bad):
+    with pytest.raises(ValidationError):
+        ServeSettings(**bad)
+
+
+def test_cli_serve_flags_are_generated_from_the_settings_model():
+    args = build_parser().parse_args(["serve", "--tensor-parallel-size", "2", "--replicas", "3",
+                                      "--no-prefix-routing", "--api-key", "k", "--rank-cpus", "0.5"])
+    given = {k: v for k, v in vars(args).items() if k in ServeSettings.model_fields and v is not None}
+    s = ServeSettings(**given)
+    assert (s.tensor_parallel_size, s.replicas, s.prefix_routing, s.api_key, s.rank_cpus) == (2, 3, False, "k", 0.5)
+    assert s.host == "127.0.0.1"  # loopback unless told otherwise
