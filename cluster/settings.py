@@ -20,6 +20,7 @@ class ServeSettings(BaseModel):
     device: Literal["cpu", "cuda"] = "cpu"
     # engine, per replica
     tensor_parallel_size: int = Field(1, ge=1)
+    expert_parallel: bool = Field(False, description="split MoE layers by whole experts across the ranks")
     max_model_len: int | None = Field(None, ge=2)
     max_num_seqs: int = Field(32, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=16)
@@ -70,7 +71,8 @@ class ServeSettings(BaseModel):
             model=model_path, dtype=self.dtype, block_size=self.block_size, kv_cache_bytes=self.kv_cache_bytes,
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len, enable_prefix_caching=self.enable_prefix_caching,
-            tensor_parallel_size=self.tensor_parallel_size, device=self.device, rank_bundle=rank_bundle,
+            tensor_parallel_size=self.tensor_parallel_size, expert_parallel=self.expert_parallel,
+            device=self.device, rank_bundle=rank_bundle,
             placement_strategy=self.placement_strategy,
             use_current_placement_group=self.tensor_parallel_size > 1, rank_bundle_offset=1,
             rank_threads=self.threads,

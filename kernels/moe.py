@@ -32,14 +32,14 @@ def grouped_experts(
     x: torch.Tensor,
     weights: torch.Tensor,
     experts: torch.Tensor,
-    w13: list[LinearWeight],
-    w2: list[LinearWeight],
+    w13: list[LinearWeight | None],
+    w2: list[LinearWeight | None],
 ) -> torch.Tensor:
     """Weighted sum of each token's chosen experts.
 
     x: [T, D]; weights, experts: [T, k]; w13[e]: [2I, D]; w2[e]: [D, I] -> [T, D] in x's dtype.
-    `w13`/`w2` may hold only a tensor-parallel slice of I: the result is then a partial sum that
-    the caller all-reduces.
+    `w13`/`w2` may hold only a tensor-parallel slice of I, or (expert parallelism) None for experts
+    another rank owns: the result is then a partial sum that the caller all-reduces.
     """
     num_tokens, top_k = experts.shape
     flat_experts = experts.reshape(-1)  # [T*k]
@@ -51,12 +51,15 @@ def grouped_experts(
     out = torch.empty_like(grouped_x)  # [T*k, D]
     start = 0
     for e, n in enumerate(counts):
+        rows = slice(start, start + n)
+        start += n
         if n == 0:
             continue
-        rows = slice(start, start + n)
+        if w13[e] is None:  # expert parallelism: another rank owns this expert
+            out[rows] = 0
+            continue
         hidden = swiglu(linear(grouped_x[rows], w13[e]))  # [n, I]
         out[rows] = linear(hidden, w2[e])  # [n, D]
-        start += n
     weighted = (out.float() * grouped_w[:, None]).to(x.dtype)  # [T*k, D]
     # Back to (token, choice) order with a gather (CPU index_add_ is serial), then sum the k choices.
     by_choice = weighted.index_select(0, torch.argsort(order))  # [T*k, D]

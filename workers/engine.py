@@ -39,7 +39,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, executor: Executor | None = None):
         self.config = config
         self.model_config = mc = load_model_config(config.model)
-        check_shardable(mc, config.tensor_parallel_size)
+        check_shardable(mc, config.tensor_parallel_size, config.expert_parallel)
         self.dtype = config.torch_dtype(mc)
         self.tokenizer = Tokenizer.from_dir(config.model)
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)

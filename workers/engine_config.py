@@ -19,6 +19,7 @@ class EngineConfig:
     max_model_len: int | None = None  # prompt + output; default: the model's context length
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
+    expert_parallel: bool = False  # MoE layers split by whole experts across the ranks (attention stays TP)
     distributed: bool = False  # run ranks as Ray actors even when tensor_parallel_size is 1
     rank_bundle: dict = field(default_factory=lambda: {"CPU": 1.0})  # Ray resources of one rank
     placement_strategy: str = "STRICT_PACK"

@@ -50,4 +50,4 @@ def make_executor(config: EngineConfig, model_config: ModelConfig, dtype: torch.
     )
     dtype_name = str(dtype).replace("torch.", "")
     return RayExecutor(config.model, model_config, dtype_name, cache, config.tensor_parallel_size, placement,
-                       device=config.device)
+                       device=config.device, expert_parallel=config.expert_parallel)

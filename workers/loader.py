@@ -3,6 +3,9 @@
 Slicing rule (Megatron style): q/k/v and the MLP/expert w1 (gate) and w3 (up) are split by output
 rows, o_proj and w2 (down) by input columns, so each rank's attention and MLP produce partial sums
 that one all-reduce completes. The router gate, norms, embedding and LM head are replicated.
+With expert parallelism the MoE layers are split by whole experts instead (rank r holds experts
+r*E/W .. (r+1)*E/W - 1 entirely); tokens routed to other ranks' experts contribute zero here, so
+the same single all-reduce after the MoE combine completes the sum.
 Each tensor is read as a lazy safetensors slice and cast on its own, so peak memory while loading
 is this rank's weights plus one tensor.
 """
@@ -36,6 +39,11 @@ def _return_freed_memory() -> None:
 class ShardSpec:
     rank: int = 0
     world_size: int = 1
+    expert_parallel: bool = False
+
+    def owns_expert(self, expert: int, num_experts: int) -> bool:
+        per_rank = num_experts // self.world_size
+        return not self.expert_parallel or self.rank * per_rank <= expert < (self.rank + 1) * per_rank
 
     def part(self, total: int) -> slice:
         """This rank's contiguous share of `total` rows or columns."""
@@ -43,13 +51,13 @@ class ShardSpec:
         return slice(self.rank * size, (self.rank + 1) * size)
 
 
-def check_shardable(config: ModelConfig, world_size: int) -> None:
+def check_shardable(config: ModelConfig, world_size: int, expert_parallel: bool = False) -> None:
     """Raise a clear error when the model cannot be split across `world_size` ranks."""
-    for what, count in (
-        ("attention heads", config.num_heads),
-        ("KV heads", config.num_kv_heads),
-        ("intermediate size", config.intermediate_size),
-    ):
+    checks = [("attention heads", config.num_heads), ("KV heads", config.num_kv_heads)]
+    if expert_parallel and not config.is_moe:
+        raise CheckpointError("expert parallelism needs a mixture-of-experts model")
+    checks.append(("experts", config.num_experts) if expert_parallel else ("intermediate size", config.intermediate_size))
+    for what, count in checks:
         if count % world_size:
             raise CheckpointError(f"tensor-parallel size {world_size} does not divide the model's {count} {what}")
 
@@ -63,12 +71,13 @@ def load_model(
     device: str | torch.device = "cpu",
     show_progress: bool = False,
 ) -> MixtralModel:
-    check_shardable(config, shard.world_size)
+    check_shardable(config, shard.world_size, shard.expert_parallel)
     reader = CheckpointReader(path, config)
     c = config
     dh, hidden, inter = c.head_dim, c.hidden_size, c.intermediate_size
     q_rows, kv_rows = shard.part(c.num_heads * dh), shard.part(c.num_kv_heads * dh)
     i_part = shard.part(inter)
+    expert_rows = slice(0, inter) if shard.expert_parallel else i_part
 
     def read(name, shape, rows=None, cols=None):
         return reader.read(name, shape, dtype, rows, cols).to(device)
@@ -102,11 +111,13 @@ def load_model(
             mlp = SparseMoe(
                 gate=read(e + "gate.weight", (c.num_experts, hidden)),
                 w13=[
-                    fused([(f"{e}experts.{x}.{w}.weight", (inter, hidden), i_part) for w in ("w1", "w3")])
+                    fused([(f"{e}experts.{x}.{w}.weight", (inter, hidden), expert_rows) for w in ("w1", "w3")])
+                    if shard.owns_expert(x, c.num_experts) else None
                     for x in range(c.num_experts)
                 ],
                 w2=[
-                    pack_weight(read(f"{e}experts.{x}.w2.weight", (hidden, inter), cols=i_part))
+                    pack_weight(read(f"{e}experts.{x}.w2.weight", (hidden, inter), cols=expert_rows))
+                    if shard.owns_expert(x, c.num_experts) else None
                     for x in range(c.num_experts)
                 ],
                 top_k=c.num_experts_per_tok,

@@ -48,8 +48,8 @@ class Attention:
 @dataclass(slots=True)
 class SparseMoe:
     gate: torch.Tensor  # [E, D], replicated on every rank
-    w13: list[LinearWeight]  # per expert [2Ir, D]
-    w2: list[LinearWeight]  # per expert [D, Ir]
+    w13: list[LinearWeight | None]  # per expert [2Ir, D]; None = owned by another rank (expert parallel)
+    w2: list[LinearWeight | None]  # per expert [D, Ir]
     top_k: int
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,7 +104,7 @@ class MixtralModel:
             tensors += [layer.input_norm, layer.post_attention_norm, layer.attention.qkv.data, layer.attention.o.data]
             mlp = layer.mlp
             if isinstance(mlp, SparseMoe):
-                tensors += [mlp.gate] + [w.data for w in mlp.w13] + [w.data for w in mlp.w2]
+                tensors += [mlp.gate] + [w.data for w in mlp.w13 + mlp.w2 if w is not None]
             else:
                 tensors += [mlp.w13.data, mlp.w2.data]
         return sum(t.numel() * t.element_size() for t in tensors)

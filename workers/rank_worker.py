@@ -45,11 +45,13 @@ class RankWorker:
         else:
             raise ValueError(f"unknown communicator backend {backend!r}")
 
-    def load(self, model_path: str, config: ModelConfig, dtype: str, cache: CacheShape, device: str) -> int:
+    def load(self, model_path: str, config: ModelConfig, dtype: str, cache: CacheShape, device: str,
+             expert_parallel: bool = False) -> int:
         """Load this rank's shard and allocate its KV cache; returns its weight bytes."""
         all_reduce = self.communicator.all_reduce if self.communicator else (lambda x: x)
+        shard = ShardSpec(self.rank, self.world_size, expert_parallel)
         self.runner = ModelRunner(
-            model_path, config, DTYPES[dtype], cache, ShardSpec(self.rank, self.world_size), all_reduce,
+            model_path, config, DTYPES[dtype], cache, shard, all_reduce,
             device="cuda" if device == "cuda" else "cpu",
         )
         return self.weight_bytes()
@@ -65,6 +67,11 @@ class RankWorker:
         r = self.runner
         inputs = build_model_inputs(step, r.cache.block_size, r.config.sliding_window)
         return r.model.forward(inputs.input_ids, inputs.positions, inputs.meta, r.kv_cache, inputs.logits_indices)
+
+    def local_experts(self) -> list[list[int]]:
+        """Per MoE layer, the experts whose weights this rank holds."""
+        return [[e for e, w in enumerate(layer.mlp.w13) if w is not None]
+                for layer in self.runner.model.layers if hasattr(layer.mlp, "gate")]
 
     def weight_bytes(self) -> int:
         return self.runner.model.weight_bytes()

@@ -46,6 +46,7 @@ class RayExecutor:
         world_size: int,
         placement: PlacementSpec,
         device: str = "cpu",
+        expert_parallel: bool = False,
         start_timeout_s: float = 300.0,
         step_timeout_s: float = 600.0,
     ):
@@ -85,7 +86,8 @@ class RayExecutor:
             self._wait_all([w.init_communicator.remote(backend, rendezvous, start_timeout_s) for w in self.workers],
                            start_timeout_s)
             self.rank_weight_bytes = self._wait_all(
-                [w.load.remote(model_path, config, dtype, cache, device) for w in self.workers], start_timeout_s
+                [w.load.remote(model_path, config, dtype, cache, device, expert_parallel) for w in self.workers],
+                start_timeout_s,
             )
         except BaseException:
             self.shutdown()

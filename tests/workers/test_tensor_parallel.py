@@ -26,6 +26,10 @@ def tp2(path, **overrides):
     return make_engine(path, tensor_parallel_size=2, rank_bundle={"CPU": 1}, **overrides)
 
 
+def ep2(path, **overrides):
+    return tp2(path, expert_parallel=True, **overrides)
+
+
 @pytest.mark.parametrize("name", ["tiny_checkpoint", "tiny_dense_checkpoint"])
 def test_tp2_greedy_outputs_equal_tp1(request, name):
     path = request.getfixturevalue(name)
@@ -38,7 +42,18 @@ def test_tp2_greedy_outputs_equal_tp1(request, name):
         engine.shutdown()
 
 
-def test_tp2_logits_match_tp1_within_1e4(tiny_checkpoint):
+def test_expert_parallel_greedy_outputs_equal_tp1(tiny_checkpoint):
+    prompts = random_prompts([9, 40, 100], seed=65)
+    expected = output_ids(make_engine(tiny_checkpoint).generate(prompts, greedy(20)))
+    engine = ep2(tiny_checkpoint)
+    try:
+        assert output_ids(engine.generate(prompts, greedy(20))) == expected
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("parallel", [tp2, ep2], ids=["tensor-parallel", "expert-parallel"])
+def test_tp2_logits_match_tp1_within_1e4(tiny_checkpoint, parallel):
     prompt = random_prompts([90], seed=62)[0]
     step = StepInput([SeqChunk(0, prompt, 0, list(range(6)), 0, None, prompt_logprob_targets=prompt[1:] + [0])])
     single = make_engine(tiny_checkpoint).executor.runner
@@ -47,7 +62,7 @@ def test_tp2_logits_match_tp1_within_1e4(tiny_checkpoint):
     inputs = build_model_inputs(step, 16, single.config.sliding_window)
     expected = single.model.forward(inputs.input_ids, inputs.positions, inputs.meta, single.kv_cache,
                                     inputs.logits_indices)
-    engine = tp2(tiny_checkpoint)
+    engine = parallel(tiny_checkpoint)
     try:
         got = engine.executor.logits(step)
     finally:
@@ -70,6 +85,22 @@ def test_each_rank_holds_its_shard_plus_the_replicated_tensors(tiny_checkpoint):
     attention = c.num_layers * c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads) * f32
     experts = c.num_layers * c.num_experts * 3 * c.hidden_size * c.intermediate_size * f32
     assert per_rank == [replicated + (attention + experts) // 2] * 2
+
+
+def test_expert_parallel_rank_holds_whole_experts_of_its_half(tiny_checkpoint):
+    engine = ep2(tiny_checkpoint)
+    try:
+        runner_bytes = engine.executor.rank_weight_bytes
+        owned = ray.get([w.local_experts.remote() for w in engine.executor.workers])
+    finally:
+        engine.shutdown()
+    assert runner_bytes[0] == runner_bytes[1]
+    assert owned == [[[0, 1, 2, 3]] * 2, [[4, 5, 6, 7]] * 2]  # per rank, per layer
+
+
+def test_expert_parallel_needs_the_experts_divisible(tiny_dense_checkpoint):
+    with pytest.raises(CheckpointError, match="mixture-of-experts"):
+        make_engine(tiny_dense_checkpoint, tensor_parallel_size=2, expert_parallel=True)
 
 
 def test_tp_size_that_does_not_divide_the_heads_fails_before_any_actor_starts(tiny_checkpoint):
