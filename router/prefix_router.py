@@ -1,0 +1,279 @@
+"""Prefix-aware request routing: send a prompt to the replica whose KV cache most likely holds its
+prefix, unless that replica is overloaded. A Ray Serve RequestRouter (configured with
+`request_router_config` on the LLM-server deployment); it runs inside every caller (the ingress).
+
+The prompt's prefix is `GenerateRequest.block_hashes` (router/engine_api.py): the chained hashes of
+its full KV blocks, computed as the engine's prefix cache does (workers/prefix_hash.py). Hash i held
+by a replica means the replica has seen the prompt's whole prefix up to the end of block i.
+
+Rule, for a request with block hashes H and candidate replicas with queue lengths q(r) (Serve's
+count of requests a replica is working on, as the caller's router knows it):
+
+1. Load. A replica is *eligible* for affinity when q(r) <= min_r q + `imbalanced_threshold`.
+   With two replicas this is exactly "the load is balanced when max - min queue length <=
+   imbalanced_threshold"; with more, one hot replica only loses its own affinity instead of
+   switching affinity off for everyone.
+2. Affinity. The match of a replica is the number of leading hashes of H it is known to hold
+   (see Memory). Among eligible replicas take the longest match; ties go to the lower queue, then
+   to the replica with the smaller known cache, then at random. If that match is at least
+   `min_match_blocks`, route there.
+3. Fallback. Otherwise (no eligible replica matches enough, e.g. a new prefix, or the matching
+   replicas are overloaded) route to the least-loaded candidate; ties go to the smaller known
+   cache (this spreads new prefixes over the replicas), then at random.
+
+Memory: what a replica is known to hold is the union of
+- *routed*: the hashes this router sent it, an LRU set of at most `max_tracked_blocks_per_replica`
+  hashes per replica. A prompt's hashes are touched last block first, so the head of a prefix is
+  the most recently used and a prefix is evicted tail first (it stays a prefix);
+- *published*: the replica's latest `ReplicaRoutingStats.cached_block_hashes`, read from
+  `RunningReplica.routing_stats` (polled by Serve every `request_routing_stats_period_s`).
+Correction: a new published snapshot (one that differs from the previous one) is the replica's
+truth for everything routed to it at least `published_grace_s` before the snapshot arrived: such
+routed hashes that the snapshot does not list are forgotten (the replica evicted them or never
+cached them; a snapshot is read as complete). Hashes routed more recently stay, since the request
+may still be queued or in prefill. Replicas that leave the deployment or die are forgotten.
+
+Parameters (`request_router_kwargs`, passed to `initialize_state`):
+- imbalanced_threshold (requests, default 8): how many more in-flight requests than the
+  least-loaded replica a replica may have and still receive requests for its cached prefixes.
+- min_match_blocks (blocks, default 1): the shortest match worth routing for.
+- max_tracked_blocks_per_replica (default 8192): size of each replica's routed LRU set.
+- published_grace_s (seconds, default 10): how long a routed hash is trusted against snapshots
+  that do not list it; above a request's usual queue + prefill time.
+
+Serve is handed the chosen replica first and the other open replicas second, so a request whose
+replica filled up in the meantime goes to the least loaded of the rest. A choice counts against
+the replica's queue length as soon as it is made (see PrefixAwareRouter). Requests whose first
+positional argument is not a GenerateRequest (other methods) are routed by power of two choices:
+two random candidates, Serve sends to the one with the shorter queue.
+Compared with Ray's PrefixCacheAffinityRouter (ray.serve.llm): it matches engine block hashes, not
+characters; it keeps its state in the caller instead of a detached actor reached by blocking
+`ray.get`s; it uses the replicas' real cache contents; overload is judged per replica.
+"""
+
+import random
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from math import inf
+from typing import Callable, Hashable, Iterable, Sequence
+
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from .engine_api import GenerateRequest
+
+
+@dataclass(slots=True)
+class _ReplicaPrefixes:
+    routed: OrderedDict = field(default_factory=OrderedDict)  # block hash -> time last routed
+    published: frozenset = frozenset()
+
+    def holds(self, block_hash: int) -> bool:
+        return block_hash in self.routed or block_hash in self.published
+
+    def size(self) -> int:
+        """A lower bound of the number of blocks the replica is known to hold."""
+        return max(len(self.routed), len(self.published))
+
+
+class PrefixAffinityPolicy:
+    """The routing rule of this module (see the module docstring), free of Serve: replica ids are
+    any hashable, loads are queue lengths. Not thread-safe; Serve calls it from one event loop."""
+
+    def __init__(
+        self,
+        imbalanced_threshold: int = 8,
+        min_match_blocks: int = 1,
+        max_tracked_blocks_per_replica: int = 8192,
+        published_grace_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ):
+        if imbalanced_threshold < 0 or min_match_blocks < 1 or max_tracked_blocks_per_replica < 1:
+            raise ValueError(
+                "need imbalanced_threshold >= 0, min_match_blocks >= 1, max_tracked_blocks_per_replica >= 1"
+            )
+        self.imbalanced_threshold = imbalanced_threshold
+        self.min_match_blocks = min_match_blocks
+        self.max_tracked_blocks_per_replica = max_tracked_blocks_per_replica
+        self.published_grace_s = published_grace_s
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._replicas: dict[Hashable, _ReplicaPrefixes] = {}
+        self.decisions: Counter = Counter()  # "affinity" | "new_prefix" | "overloaded"
+
+    @property
+    def replicas(self) -> set:
+        return set(self._replicas)
+
+    def matched_blocks(self, replica_id: Hashable, block_hashes: Sequence[int]) -> int:
+        """How many leading blocks of the prompt the replica is known to hold."""
+        memory = self._replicas.get(replica_id)
+        if memory is None:
+            return 0
+        n = 0
+        for block_hash in block_hashes:
+            if not memory.holds(block_hash):
+                break
+            n += 1
+        return n
+
+    def known_cache_size(self, replica_id: Hashable) -> int:
+        memory = self._replicas.get(replica_id)
+        return 0 if memory is None else memory.size()
+
+    def choose(self, block_hashes: Sequence[int], candidates: list[tuple[Hashable, int]]) -> Hashable:
+        """The replica for a prompt with these block hashes; candidates are (replica id, queue length)."""
+        if not candidates:
+            raise ValueError("no candidate replicas")
+        min_queue = min(q for _, q in candidates)
+        best_match, best_key, best = 0, None, None
+        longest_anywhere = 0
+        for replica_id, queue_len in candidates:
+            match = self.matched_blocks(replica_id, block_hashes) if block_hashes else 0
+            longest_anywhere = max(longest_anywhere, match)
+            if queue_len > min_queue + self.imbalanced_threshold:
+                continue
+            key = (match, -queue_len, -self.known_cache_size(replica_id), self._rng.random())
+            if best_key is None or key > best_key:
+                best_match, best_key, best = match, key, replica_id
+        if best_match >= self.min_match_blocks:
+            self.decisions["affinity"] += 1
+            return best
+        self.decisions["overloaded" if longest_anywhere >= self.min_match_blocks else "new_prefix"] += 1
+        return self.least_loaded(candidates)
+
+    def least_loaded(self, candidates: list[tuple[Hashable, int]]) -> Hashable:
+        return min(candidates, key=lambda c: (c[1], self.known_cache_size(c[0]), self._rng.random()))[0]
+
+    def record_routed(self, replica_id: Hashable, block_hashes: Sequence[int]) -> None:
+        memory = self._replicas.setdefault(replica_id, _ReplicaPrefixes())
+        routed, now = memory.routed, self._clock()
+        for block_hash in reversed(block_hashes):  # the head of the prefix ends most recent
+            routed[block_hash] = now
+            routed.move_to_end(block_hash)
+        while len(routed) > self.max_tracked_blocks_per_replica:
+            routed.popitem(last=False)
+
+    def update_published(self, replica_id: Hashable, block_hashes: Iterable[int]) -> None:
+        """A new snapshot of the replica's prefix cache; forgets what it contradicts (see Memory)."""
+        memory = self._replicas.setdefault(replica_id, _ReplicaPrefixes())
+        memory.published = frozenset(block_hashes)
+        trusted_until = self._clock() - self.published_grace_s
+        # `routed` is ordered by time last routed, oldest first.
+        stale = []
+        for block_hash, routed_at in memory.routed.items():
+            if routed_at > trusted_until:
+                break
+            if block_hash not in memory.published:
+                stale.append(block_hash)
+        for block_hash in stale:
+            del memory.routed[block_hash]
+
+    def remove(self, replica_id: Hashable) -> None:
+        self._replicas.pop(replica_id, None)
+
+
+def _generate_request(pending_request: PendingRequest | None) -> GenerateRequest | None:
+    if pending_request is None or not pending_request.args:
+        return None
+    first = pending_request.args[0]
+    return first if isinstance(first, GenerateRequest) else None
+
+
+class PrefixAwareRouter(RequestRouter):
+    """Serve's side of PrefixAffinityPolicy: queue lengths from Serve's cache (probing replicas it
+    has no fresh entry for), published cache contents from `routing_stats`, replica churn.
+
+    No FIFOMixin on purpose: with it Serve hands a chosen replica to the oldest pending request,
+    not to the request it was chosen for.
+
+    Serve counts a request against a replica's queue length only once the request is sent, and one
+    routing task may route a whole burst before any of it is sent: every choice of the burst would
+    see the same queue lengths and a hot prefix would pile onto one replica. So a choice is counted
+    when it is made, and the send that follows is not counted again (`on_send_request`)."""
+
+    def initialize_state(
+        self,
+        imbalanced_threshold: int = 8,
+        min_match_blocks: int = 1,
+        max_tracked_blocks_per_replica: int = 8192,
+        published_grace_s: float = 10.0,
+    ):
+        self.policy = PrefixAffinityPolicy(
+            imbalanced_threshold, min_match_blocks, max_tracked_blocks_per_replica, published_grace_s
+        )
+        self._last_stats: dict[ReplicaID, dict] = {}
+        self._counted_at_choice: Counter = Counter()  # replica id -> choices not yet sent
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        request = _generate_request(pending_request)
+        if request is None or not candidate_replicas:
+            return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
+        queue_lens = await self._queue_lens(candidate_replicas)
+        open_replicas = [r for r in candidate_replicas if queue_lens.get(r.replica_id, inf) < r.max_ongoing_requests]
+        if not open_replicas:  # all full or silent: let Serve probe and back off
+            return [candidate_replicas]
+        loads = [(r.replica_id, queue_lens[r.replica_id]) for r in open_replicas]
+        chosen_id = self.policy.choose(request.block_hashes, loads)
+        # Recorded now, not only once accepted, so that concurrent requests of a new prefix follow it.
+        self.policy.record_routed(chosen_id, request.block_hashes)
+        self._count_choice(chosen_id, queue_lens[chosen_id])
+        chosen = [r for r in open_replicas if r.replica_id == chosen_id]
+        others = [r for r in open_replicas if r.replica_id != chosen_id]
+        return [chosen, others] if others else [chosen]
+
+    async def _queue_lens(self, replicas: list[RunningReplica]) -> dict[ReplicaID, int]:
+        lens, unknown = {}, []
+        for r in replicas:
+            queue_len = self.replica_queue_len_cache.get(r.replica_id)
+            if queue_len is None:
+                unknown.append(r)
+            else:
+                lens[r.replica_id] = queue_len
+        if unknown:
+            for r, queue_len in await self._probe_queue_lens(unknown, 0):
+                if queue_len is not None:
+                    lens[r.replica_id] = queue_len
+        return lens
+
+    def _count_choice(self, replica_id: ReplicaID, queue_len: int) -> None:
+        if self._use_replica_queue_len_cache:
+            self.replica_queue_len_cache.update(replica_id, queue_len + 1)
+            self._counted_at_choice[replica_id] += 1
+
+    def on_send_request(self, replica_id: ReplicaID) -> None:
+        # A choice that ends elsewhere (the chosen replica was full) stays counted on the chosen
+        # replica until its next send. Miscounts are brief: with Serve's rejection protocol every
+        # accepted request brings back the replica's true count (`on_new_queue_len_info`).
+        if self._counted_at_choice[replica_id] > 0:
+            self._counted_at_choice[replica_id] -= 1
+        else:
+            super().on_send_request(replica_id)
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
+        # The replica that accepted the request (another than chosen when the chosen one was full).
+        request = _generate_request(pending_request)
+        if request is not None:
+            self.policy.record_routed(replica_id, request.block_hashes)
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        for gone in self.policy.replicas - self._replica_id_set:
+            self._forget(gone)
+        for r in replicas:
+            stats = r.routing_stats
+            if stats and stats != self._last_stats.get(r.replica_id):
+                self._last_stats[r.replica_id] = stats
+                self.policy.update_published(r.replica_id, stats.get("cached_block_hashes", ()))
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self._forget(replica_id)
+
+    def _forget(self, replica_id: ReplicaID) -> None:
+        self.policy.remove(replica_id)
+        self._last_stats.pop(replica_id, None)
+        self._counted_at_choice.pop(replica_id, None)
