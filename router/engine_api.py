@@ -67,6 +67,7 @@ class ReplicaRoutingStats:
     kv_usage: float
     block_size: int
     cached_block_hashes: list[int]  # hashes of full blocks in this replica's prefix cache (bounded)
+    complete: bool = True  # False when the list was cut to its bound (then it only adds knowledge)
 
     def to_dict(self) -> dict:
         return asdict(self)

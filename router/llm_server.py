@@ -67,11 +67,13 @@ class LLMServer:
 
     def record_routing_stats(self) -> dict:
         engine = self.engine.engine
-        hashes = list(engine.kv.pool.by_hash)[-self.max_published_hashes:]
+        cached = engine.kv.pool.by_hash
+        hashes = list(cached)[-self.max_published_hashes:]
         load = self.load()
         return ReplicaRoutingStats(
             replica=self.replica_id, num_running=load.num_running, num_waiting=load.num_waiting,
             kv_usage=load.kv_usage, block_size=engine.config.block_size, cached_block_hashes=hashes,
+            complete=len(hashes) == len(cached),
         ).to_dict()
 
     async def stats(self) -> dict:

@@ -27,7 +27,8 @@ Memory: what a replica is known to hold is the union of
   the most recently used and a prefix is evicted tail first (it stays a prefix);
 - *published*: the replica's latest `ReplicaRoutingStats.cached_block_hashes`, read from
   `RunningReplica.routing_stats` (polled by Serve every `request_routing_stats_period_s`).
-Correction: a new published snapshot (one that differs from the previous one) is the replica's
+Correction: a new complete published snapshot (one that differs from the previous one; a snapshot
+cut to the replica's size bound only adds knowledge) is the replica's
 truth for everything routed to it at least `published_grace_s` before the snapshot arrived: such
 routed hashes that the snapshot does not list are forgotten (the replica evicted them or never
 cached them; a snapshot is read as complete). Hashes routed more recently stay, since the request
@@ -155,10 +156,13 @@ class PrefixAffinityPolicy:
         while len(routed) > self.max_tracked_blocks_per_replica:
             routed.popitem(last=False)
 
-    def update_published(self, replica_id: Hashable, block_hashes: Iterable[int]) -> None:
-        """A new snapshot of the replica's prefix cache; forgets what it contradicts (see Memory)."""
+    def update_published(self, replica_id: Hashable, block_hashes: Iterable[int], complete: bool = True) -> None:
+        """A new snapshot of the replica's prefix cache; forgets what it contradicts (see Memory).
+        A snapshot cut to its size bound (`complete=False`) only adds knowledge."""
         memory = self._replicas.setdefault(replica_id, _ReplicaPrefixes())
         memory.published = frozenset(block_hashes)
+        if not complete:
+            return
         trusted_until = self._clock() - self.published_grace_s
         # `routed` is ordered by time last routed, oldest first.
         stale = []
@@ -267,7 +271,8 @@ class PrefixAwareRouter(RequestRouter):
             stats = r.routing_stats
             if stats and stats != self._last_stats.get(r.replica_id):
                 self._last_stats[r.replica_id] = stats
-                self.policy.update_published(r.replica_id, stats.get("cached_block_hashes", ()))
+                self.policy.update_published(r.replica_id, stats.get("cached_block_hashes", ()),
+                                             stats.get("complete", True))
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)

@@ -139,6 +139,16 @@ def test_published_stats_forget_routed_hashes_the_replica_no_longer_holds():
     assert p.matched_blocks("a", h) == 0
 
 
+def test_a_snapshot_cut_to_its_size_bound_only_adds_knowledge():
+    clock = FakeClock()
+    p = PrefixAffinityPolicy(published_grace_s=5.0, clock=clock)
+    h, other = prompt_hashes(1, 4), prompt_hashes(2, 3)
+    p.record_routed("a", h)
+    clock.now += 6.0
+    p.update_published("a", other, complete=False)  # the replica holds more than it listed
+    assert p.matched_blocks("a", h) == 4 and p.matched_blocks("a", other) == 3
+
+
 def test_published_stats_do_not_forget_recently_routed_hashes():
     clock = FakeClock()
     p = PrefixAffinityPolicy(published_grace_s=5.0, clock=clock)

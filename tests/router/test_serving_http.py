@@ -20,8 +20,7 @@ KEY = "test-key-123"
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint, tmp_path_factory):
     log = tmp_path_factory.mktemp("log") / "requests.jsonl"
-    url, settings = start(tiny_checkpoint, api_key=KEY, request_log=str(log), prefix_routing=False,
-                          grpc_port=free_port())
+    url, settings = start(tiny_checkpoint, api_key=KEY, request_log=str(log), grpc_port=free_port())
     yield url, settings, log
     stop()
 
