@@ -153,7 +153,41 @@ def _run_serve(args: argparse.Namespace) -> int:
     return run_serve(settings)
 
 
-_SUBCOMMANDS = [_add_checkpoint_parser, _add_serve_parser, _add_bench_parser, _add_demo_parser]
+def _add_config_parser(subparsers) -> None:
+    from mixserve.cluster.profiles import PROFILES
+
+    p = subparsers.add_parser(
+        "config",
+        help="write the Serve config (serve deploy / serve run / KubeRay serveConfigV2) of a deployment profile",
+        description="Generate the Serve config of a named profile (cluster/profiles.py): print it, write it to "
+                    "--out, or replace the serveConfigV2 block of a KubeRay RayService manifest in place.",
+    )
+    p.add_argument("--preset", choices=sorted(PROFILES), required=True, help="deployment profile")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--out", type=Path, default=None, help="write the Serve config YAML here (default: stdout)")
+    where.add_argument("--rayservice", type=Path, default=None,
+                       help="RayService manifest whose serveConfigV2 to rewrite")
+    p.set_defaults(handler=_run_config)
+
+
+def _run_config(args: argparse.Namespace) -> int:
+    from mixserve.cluster.profiles import get_profile
+    from mixserve.cluster.serve_config import render, serve_config, update_rayservice, write_serve_config
+
+    settings = get_profile(args.preset)
+    source = f"mixserve config --preset {args.preset}" + (f" --out {args.out}" if args.out else "")
+    if args.rayservice is not None:
+        update_rayservice(settings, args.rayservice)
+        print(f"rewrote serveConfigV2 of {args.rayservice} from profile {args.preset}")
+    elif args.out is not None:
+        write_serve_config(settings, args.out, source)
+        print(f"wrote the Serve config of profile {args.preset} to {args.out}")
+    else:
+        print(render(serve_config(settings), source), end="")
+    return 0
+
+
+_SUBCOMMANDS = [_add_checkpoint_parser, _add_serve_parser, _add_bench_parser, _add_demo_parser, _add_config_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
