@@ -2,6 +2,7 @@
 replicas, routed by the prefix-aware router. `app_builder` is the `import_path` target for
 `serve run` / `serve deploy` / KubeRay's serveConfigV2 (its `args:` are ServeSettings fields)."""
 
+import os
 from pathlib import Path
 
 from ray import serve
@@ -74,5 +75,10 @@ def build_app(settings: ServeSettings) -> serve.Application:
 
 
 def app_builder(args: dict) -> serve.Application:
-    """Serve config entry point: `import_path: mixserve.cluster.app:app_builder`, `args:` = settings."""
-    return build_app(ServeSettings.model_validate(args or {}))
+    """Serve config entry point: `import_path: mixserve.cluster.app:app_builder`, `args:` = settings.
+    The API key may come from the environment (`MIXSERVE_API_KEY`, e.g. a Kubernetes Secret) so that
+    it never has to be written into a Serve config."""
+    args = dict(args or {})
+    if not args.get("api_key") and os.environ.get("MIXSERVE_API_KEY"):
+        args["api_key"] = os.environ["MIXSERVE_API_KEY"]
+    return build_app(ServeSettings.model_validate(args))

@@ -53,3 +53,16 @@ def test_cli_serve_flags_are_generated_from_the_settings_model():
     s = ServeSettings(**given)
     assert (s.tensor_parallel_size, s.replicas, s.prefix_routing, s.api_key, s.rank_cpus) == (2, 3, False, "k", 0.5)
     assert s.host == "127.0.0.1"  # loopback unless told otherwise
+
+
+def test_serve_config_entry_point_takes_the_api_key_from_the_environment(monkeypatch):
+    import mixserve.cluster.app as app_module
+
+    seen = {}
+    monkeypatch.setattr(app_module, "build_app", lambda settings: seen.setdefault("settings", settings))
+    monkeypatch.setenv("MIXSERVE_API_KEY", "from-secret")
+    app_module.app_builder({"replicas": 2})
+    assert seen["settings"].api_key == "from-secret" and seen["settings"].replicas == 2
+    seen.clear()
+    app_module.app_builder({"api_key": "explicit"})
+    assert seen["settings"].api_key == "explicit"
