@@ -11,6 +11,8 @@ LLM-server replicas. Plain dataclasses of lists and numbers: cheap to pickle acr
 
 from dataclasses import asdict, dataclass, field
 
+from ..workers.step_input import TokenLogprobs as TokenLogprob  # the engine's own record, shared as is
+
 
 @dataclass(slots=True)
 class GenerateRequest:
@@ -18,13 +20,6 @@ class GenerateRequest:
     prompt_token_ids: list[int]
     sampling: dict  # keyword arguments of workers.sampling_params.SamplingParams
     block_hashes: list[int] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -15,13 +15,7 @@ from ..workers.engine import LLMEngine
 from ..workers.engine_config import EngineConfig
 from ..workers.outputs import RequestOutput
 from ..workers.sampling_params import SamplingParams
-from .engine_api import ChoiceDelta, GenerateChunk, GenerateRequest, ReplicaLoad, ReplicaRoutingStats, TokenLogprob
-
-
-def _logprobs(entries) -> list[TokenLogprob] | None:
-    if entries is None:
-        return None
-    return [None if e is None else TokenLogprob(e.token_id, e.logprob, list(e.top)) for e in entries]
+from .engine_api import ChoiceDelta, GenerateChunk, GenerateRequest, ReplicaLoad, ReplicaRoutingStats
 
 
 class LLMServer:
@@ -48,13 +42,13 @@ class LLMServer:
             new = len(c.delta_token_ids)
             choices.append(ChoiceDelta(
                 index=c.index, delta_text=c.delta_text, delta_token_ids=list(c.delta_token_ids),
-                logprobs=_logprobs(c.logprobs[len(c.logprobs) - new:]) if c.logprobs is not None else None,
+                logprobs=c.logprobs[len(c.logprobs) - new:] if c.logprobs is not None else None,
                 finish_reason=c.finish_reason, stop_reason=c.stop_reason,
             ))
         return GenerateChunk(
             request_id=out.request_id, choices=choices, finished=out.finished,
             num_prompt_tokens=len(out.prompt_token_ids), num_cached_tokens=out.num_cached_tokens,
-            load=self.load(), prompt_logprobs=_logprobs(out.prompt_logprobs) if first else None,
+            load=self.load(), prompt_logprobs=out.prompt_logprobs if first else None,
         )
 
     async def generate(self, request: GenerateRequest):
