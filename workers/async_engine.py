@@ -1,7 +1,9 @@
 """Drive an LLMEngine from asyncio: one background thread steps the engine, callers await
 per-request streams of RequestOutput.
 
-Every engine call runs on that single thread (the engine is not thread-safe). A stream that is
+Every engine call runs on that single thread (the engine is not thread-safe). A reader that falls
+behind gets the reports it missed folded into one (deltas concatenated), so a slow consumer costs one
+item per read instead of one per step. A stream that is
 closed or cancelled before its request finished aborts the request, freeing its KV blocks at
 the start of the next step. If a step raises, every open stream gets the error and the engine
 reports itself unhealthy from then on.
@@ -16,6 +18,16 @@ from itertools import count
 from .engine import LLMEngine
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
+
+
+def _merge(earlier: RequestOutput, later: RequestOutput | BaseException) -> RequestOutput | BaseException:
+    """Fold an unread report into the next one: the later report's state, both reports' deltas."""
+    if isinstance(later, BaseException):
+        return later
+    for before, after in zip(earlier.outputs, later.outputs):
+        after.delta_text = before.delta_text + after.delta_text
+        after.delta_token_ids = before.delta_token_ids + after.delta_token_ids
+    return later
 
 
 class EngineDeadError(RuntimeError):
@@ -63,6 +75,8 @@ class AsyncLLMEngine:
             self._start_loop()
             while not finished:
                 item = await queue.get()
+                while not isinstance(item, BaseException) and not item.finished and not queue.empty():
+                    item = _merge(item, queue.get_nowait())  # the reader fell behind: one item
                 if isinstance(item, BaseException):
                     raise EngineDeadError(f"engine failed: {item!r}") from item
                 finished = item.finished

@@ -90,3 +90,23 @@ def test_failing_step_ends_streams_with_an_error_and_marks_engine_dead(tiny_chec
     with pytest.raises(EngineDeadError):
         engine.check_health()
     engine.shutdown()
+
+
+def test_a_slow_reader_gets_missed_reports_folded_into_one(tiny_checkpoint):
+    engine = AsyncLLMEngine(make_engine(tiny_checkpoint))
+    prompt = random_prompts([12], seed=53)[0]
+    expected = make_engine(tiny_checkpoint).generate([prompt], greedy(40))[0].outputs[0]
+
+    async def slow_reader():
+        items, text, tokens = 0, "", []
+        async for out in engine.generate(prompt, greedy(40)):
+            items += 1
+            text += out.outputs[0].delta_text
+            tokens += out.outputs[0].delta_token_ids
+            await asyncio.sleep(0.05)  # much slower than a tiny-model step
+        return items, text, tokens
+
+    items, text, tokens = asyncio.run(slow_reader())
+    assert tokens == expected.token_ids and text == expected.text
+    assert items < len(tokens)
+    engine.shutdown()
