@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test venv bench clean
+.PHONY: serve test venv bench bench-compare clean
 
 venv: $(STAMP)
 
@@ -23,7 +23,11 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)
-	$(BIN)/mixserve bench offline --preset mini
+	$(BIN)/mixserve bench offline --preset mini --compare-transformers
+
+# Every configuration and peer in one run (~10 min): the README's Performance table.
+bench-compare: $(STAMP)
+	$(BIN)/mixserve bench compare --preset mini --out bench-results
 
 clean:
 	rm -rf $(VENV) build *.egg-info
