@@ -3,7 +3,6 @@ proxy. Same path and semantics as HTTP /v1/completions: same validation, routing
 (mapped to gRPC status codes); the API key, when set, comes as `authorization: Bearer <key>`
 metadata."""
 
-import hmac
 import uuid
 
 import grpc
@@ -20,12 +19,8 @@ class GrpcGenerateMixin:
     """Methods named after the proto's RPCs; mixed into the ingress deployment class."""
 
     def _grpc_check_auth(self, grpc_context) -> None:
-        if not self.opts.api_key:
-            return
         metadata = dict(grpc_context.invocation_metadata() or ())
-        header = metadata.get("authorization", "")
-        given = header[7:] if header.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(given.encode(), self.opts.api_key.encode()):
+        if not self._authorized(metadata.get("authorization", "")):
             from .ingress import ApiError
 
             raise ApiError(401, "invalid or missing API key (send authorization: Bearer <key> metadata)")

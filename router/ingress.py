@@ -24,6 +24,7 @@ from ray.serve.exceptions import BackPressureError
 
 from ..workers.config import load_model_config
 from ..workers.prefix_hash import block_hashes
+from ..workers.request_checks import ContextLengthError, completion_budget, max_model_len, prompt_token_ids
 from ..workers.sampling_params import SamplingParams
 from ..workers.tokenizer import Tokenizer
 from .engine_api import GenerateChunk, GenerateRequest
@@ -83,19 +84,22 @@ class OpenAIIngress(GrpcGenerateMixin):
         self.tokenizer = Tokenizer.from_dir(options.model)
         config = load_model_config(options.model)
         self.vocab_size = config.vocab_size
-        self.max_model_len = min(options.max_model_len or config.max_position_embeddings,
-                                 config.max_position_embeddings)
+        self.max_model_len = max_model_len(options.max_model_len, config.max_position_embeddings)
         self.metrics = ServingMetrics(options.served_model_name)
         self.request_log = RequestLog(options.request_log)
 
     # ---- plumbing ---------------------------------------------------------------------------
 
-    def _check_auth(self, request: Request) -> None:
+    def _authorized(self, authorization: str) -> bool:
+        """Whether an `Authorization` value carries the API key (always, when none is set);
+        compared in constant time."""
         if not self.opts.api_key:
-            return
-        header = request.headers.get("authorization", "")
-        given = header[7:] if header.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(given.encode(), self.opts.api_key.encode()):
+            return True
+        given = authorization[7:] if authorization.lower().startswith("bearer ") else ""
+        return hmac.compare_digest(given.encode(), self.opts.api_key.encode())
+
+    def _check_auth(self, request: Request) -> None:
+        if not self._authorized(request.headers.get("authorization", "")):
             raise ApiError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
                            "authentication_error", "invalid_api_key")
 
@@ -126,29 +130,16 @@ class OpenAIIngress(GrpcGenerateMixin):
         return parsed
 
     def _prompt_ids(self, prompt) -> list[int]:
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt, add_bos=True) if prompt else []
-        else:
-            ids = list(prompt)
-            bad = [t for t in ids if not 0 <= t < self.vocab_size]
-            if bad:
-                raise ApiError(400, f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
-                               param="prompt")
-        if not ids:
-            raise ApiError(400, "the prompt is empty", param="prompt")
-        return ids
+        try:
+            return prompt_token_ids(self.tokenizer, prompt, self.vocab_size)
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="prompt") from None
 
     def _request(self, request_id: str, ids: list[int], sampling: dict) -> GenerateRequest:
-        requested = sampling["max_tokens"]
-        max_tokens = requested if requested is not None else self.max_model_len - len(ids)
-        if len(ids) + max(max_tokens, 1) > self.max_model_len:
-            raise ApiError(
-                400,
-                f"this model's maximum context length is {self.max_model_len} tokens, but "
-                f"{len(ids) + max(max_tokens, 1)} were requested ({len(ids)} in the prompt, "
-                f"{max(max_tokens, 1)} for the completion); shorten the prompt or lower max_tokens",
-                param="max_tokens", code="context_length_exceeded",
-            )
+        try:
+            max_tokens = completion_budget(len(ids), sampling["max_tokens"], self.max_model_len)
+        except ContextLengthError as exc:
+            raise ApiError(400, str(exc), param="max_tokens", code="context_length_exceeded") from None
         sampling = {**sampling, "max_tokens": max_tokens}
         try:
             SamplingParams(**sampling)

@@ -18,6 +18,7 @@ from .kv_cache_manager import KVCacheManager
 from .loader import check_shardable
 from .model_runner import CacheShape, kv_bytes_per_block
 from .outputs import CompletionOutput, RequestOutput
+from .request_checks import completion_budget, max_model_len, prompt_token_ids
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledChunk, Scheduler
 from .sequence import Sequence
@@ -42,7 +43,7 @@ class LLMEngine:
         check_shardable(mc, config.tensor_parallel_size, config.expert_parallel)
         self.dtype = config.torch_dtype(mc)
         self.tokenizer = Tokenizer.from_dir(config.model)
-        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.max_model_len = max_model_len(config.max_model_len, mc.max_position_embeddings)
         per_block = kv_bytes_per_block(mc, config.block_size, self.dtype, config.tensor_parallel_size)
         num_blocks = config.num_blocks or config.kv_cache_bytes // per_block
         self.cache_shape = CacheShape(num_blocks, config.block_size)
@@ -56,32 +57,13 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------
 
-    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt, add_bos=True) if prompt else []
-        else:
-            ids = list(prompt)
-            vocab = self.model_config.vocab_size
-            bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
-        if not ids:
-            raise ValueError("the prompt is empty")
-        return ids
-
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
         """Queue a request; raises ValueError (and queues nothing) if it cannot be served."""
         params = params or SamplingParams()
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        ids = self._prompt_ids(prompt)
-        room = self.max_model_len - len(ids)
-        max_tokens = params.max_tokens if params.max_tokens is not None else room
-        if max_tokens > room or room < 1:
-            raise ValueError(
-                f"this model's maximum context length is {self.max_model_len} tokens, but {len(ids) + max(max_tokens, 1)} "
-                f"were requested ({len(ids)} in the prompt, {max(max_tokens, 1)} for the completion)"
-            )
+        ids = prompt_token_ids(self.tokenizer, prompt, self.model_config.vocab_size)
+        max_tokens = completion_budget(len(ids), params.max_tokens, self.max_model_len)
         if not self.kv.can_ever_fit(len(ids) + max_tokens, self.config.max_num_batched_tokens):
             raise ValueError(
                 f"the KV cache ({self.cache_shape.num_blocks} blocks of {self.cache_shape.block_size} tokens) "
