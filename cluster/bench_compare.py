@@ -24,7 +24,6 @@ import subprocess
 import sys
 import time
 import traceback
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -174,6 +173,8 @@ def _tail(path: Path, lines: int = 3) -> str:
 
 
 def _vllm(model: str, sizes: CompareSizes, workload: Workload, venv: Path, out: Path) -> dict:
+    from .serve_command import wait_until_healthy
+
     log = out / "vllm.log"
     py = ensure_vllm(venv, log)
     port = _free_port()
@@ -187,18 +188,12 @@ def _vllm(model: str, sizes: CompareSizes, workload: Workload, venv: Path, out: 
         proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 600
-        while True:
+
+        def vllm_alive():
             if proc.poll() is not None:
                 raise RuntimeError(f"vLLM exited with {proc.returncode}: {_tail(log)}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("vLLM did not answer /health within 600 s")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(2)
+
+        wait_until_healthy(url, 600, vllm_alive)
         summary = run_load_sync(LoadConfig(url, concurrency=sizes.concurrency, warmup=2), workload)
     finally:
         if proc.poll() is None:

@@ -26,15 +26,25 @@ def start_serve(settings: ServeSettings) -> str:
     serve.start(http_options=HTTPOptions(host=settings.host, port=settings.port), grpc_options=grpc)
     serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{settings.host}:{settings.port}"
-    deadline = time.monotonic() + 600
+    wait_until_healthy(url)
+    return url
+
+
+def wait_until_healthy(url: str, timeout_s: float = 600.0, check_alive=None) -> None:
+    """Poll `url`/health until it answers 200. `check_alive()`, if given, runs before each try and
+    raises when the server being waited for has died; TimeoutError after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if check_alive is not None:
+            check_alive()
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
                 if r.status == 200:
-                    return url
+                    return
         except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url}/health did not answer within 600 s")
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url}/health did not answer within {timeout_s:.0f} s")
 
 
 def run_serve(settings: ServeSettings) -> int:

@@ -11,7 +11,6 @@ import asyncio
 import hmac
 import json
 import logging
-import time
 import uuid
 from dataclasses import dataclass
 

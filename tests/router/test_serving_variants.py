@@ -1,13 +1,13 @@
 """Serving with tensor parallelism inside a replica's placement group, and backpressure."""
 
 import concurrent.futures
-import time
 
 import httpx
 import pytest
 from ray import serve
 
 from mixserve.cluster.app import build_app
+from mixserve.cluster.serve_command import wait_until_healthy
 from mixserve.cluster.settings import ServeSettings
 from mixserve.workers.engine import LLMEngine
 from mixserve.workers.engine_config import EngineConfig
@@ -32,13 +32,7 @@ def small_queue_server(tp2_server, tiny_checkpoint):
                              max_ongoing_requests=1, max_queued_requests=1)
     serve.run(build_app(settings), name="small-queue", route_prefix="/small", blocking=False)
     url = tp2_server + "/small"
-    for _ in range(240):
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
+    wait_until_healthy(url, 120)
     return url
 
 
