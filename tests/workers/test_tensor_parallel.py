@@ -6,7 +6,6 @@ import time
 
 import pytest
 import ray
-import torch
 
 from mixserve.workers.async_engine import AsyncLLMEngine, EngineDeadError
 from mixserve.workers.config import CheckpointError
