@@ -12,13 +12,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-import ray
 import yaml
 from click.testing import CliRunner
 from ray import serve
 from ray.serve.scripts import cli as serve_cli
 
 from tests.router.serve_helpers import free_port
+from tests.local_ray import start_local_ray, stop_local_ray
 
 REPO = Path(__file__).resolve().parents[2]
 APP = "mixserve"
@@ -26,10 +26,10 @@ APP = "mixserve"
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    start_local_ray()
     yield
     serve.shutdown()
-    ray.shutdown()
+    stop_local_ray()
 
 
 def _wait_until_running(app: str, timeout_s: float) -> None:

@@ -7,13 +7,13 @@ import time
 from collections import Counter
 
 import pytest
-import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from mixserve.router.engine_api import GenerateRequest, ReplicaRoutingStats
 from mixserve.router.prefix_router import PrefixAffinityPolicy
 from mixserve.workers.prefix_hash import block_hashes
+from tests.local_ray import start_local_ray, stop_local_ray
 
 BLOCK = 4
 
@@ -207,14 +207,13 @@ class StandInServer:
 
 @pytest.fixture(scope="module")
 def handle():
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    start_local_ray()
     try:
         serve.start(proxy_location="Disabled")  # handles only: no HTTP port to collide with
         yield serve.run(StandInServer.bind(), name="prefix_router_test", route_prefix=None)
     finally:
         serve.shutdown()
-        ray.shutdown()
+        stop_local_ray()
 
 
 def _request(rng: random.Random, prefix: list[int], tail_seed: int, **sampling) -> GenerateRequest:

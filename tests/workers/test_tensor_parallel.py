@@ -10,15 +10,16 @@ import ray
 from mixserve.workers.async_engine import AsyncLLMEngine, EngineDeadError
 from mixserve.workers.config import CheckpointError
 from mixserve.workers.step_input import SeqChunk, StepInput
+from tests.local_ray import start_local_ray, stop_local_ray
 
 from .engine_helpers import greedy, make_engine, output_ids, random_prompts
 
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    start_local_ray()
     yield
-    ray.shutdown()
+    stop_local_ray()
 
 
 def tp2(path, **overrides):
