@@ -125,11 +125,12 @@ def _served(model: str, settings: dict, workload: Workload, concurrency: int) ->
     import ray
     from ray import serve
 
+    from .ray_start import init_ray
     from .serve_command import start_serve
     from .settings import ServeSettings
 
     s = ServeSettings(model=model, port=_free_port(), routing_stats_period_s=0.5, **settings)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # logical CPUs: 2 replicas + ingress fit
+    init_ray(num_cpus=4, log_to_driver=False)  # logical CPUs: 2 replicas + ingress fit
     try:
         url = start_serve(s)
         summary = run_load_sync(LoadConfig(url, concurrency=concurrency, warmup=2 * s.replicas), workload)

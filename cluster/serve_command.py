@@ -10,6 +10,7 @@ from ray import serve
 from ray.serve.config import HTTPOptions, gRPCOptions
 
 from .app import build_app
+from .ray_start import init_ray
 from .settings import ServeSettings
 
 APP_NAME = "mixserve"
@@ -18,8 +19,7 @@ GRPC_SERVICER = "mixserve.router.generate_pb2_grpc.add_GenerateServiceServicer_t
 
 def start_serve(settings: ServeSettings) -> str:
     """Deploy and wait until /health answers; returns the base URL."""
-    if not ray.is_initialized():
-        ray.init(address=settings.address, include_dashboard=False, log_to_driver=True)
+    init_ray(settings.address)
     grpc = None
     if settings.grpc_port:
         grpc = gRPCOptions(port=settings.grpc_port, grpc_servicer_functions=[GRPC_SERVICER])

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+import ray
 import yaml
 from click.testing import CliRunner
 from ray import serve
 from ray.serve.scripts import cli as serve_cli
 
+from mixserve.cluster.ray_start import init_ray
 from tests.router.serve_helpers import free_port
-from tests.local_ray import start_local_ray, stop_local_ray
 
 REPO = Path(__file__).resolve().parents[2]
 APP = "mixserve"
@@ -26,10 +27,10 @@ APP = "mixserve"
 
 @pytest.fixture(scope="module")
 def local_ray():
-    start_local_ray()
+    init_ray(num_cpus=4, log_to_driver=False)
     yield
     serve.shutdown()
-    stop_local_ray()
+    ray.shutdown()
 
 
 def _wait_until_running(app: str, timeout_s: float) -> None:

@@ -2,11 +2,12 @@
 
 import socket
 
+import ray
 from ray import serve
 
+from mixserve.cluster.ray_start import init_ray
 from mixserve.cluster.serve_command import start_serve
 from mixserve.cluster.settings import ServeSettings
-from tests.local_ray import start_local_ray, stop_local_ray
 
 
 def free_port() -> int:
@@ -20,13 +21,13 @@ def start(checkpoint, **overrides) -> tuple[str, ServeSettings]:
         "model": str(checkpoint), "port": free_port(), "dtype": "float32", "max_model_len": 512,
         "kv_cache_bytes": 32 << 20, "replica_cpus": 1.0, "routing_stats_period_s": 0.5, **overrides,
     })
-    start_local_ray()
+    init_ray(num_cpus=4, log_to_driver=False)
     return start_serve(settings), settings
 
 
 def stop() -> None:
     serve.shutdown()
-    stop_local_ray()
+    ray.shutdown()
 
 
 def llm_stats(app: str = "mixserve") -> dict:

@@ -7,13 +7,14 @@ import time
 from collections import Counter
 
 import pytest
+import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
+from mixserve.cluster.ray_start import init_ray
 from mixserve.router.engine_api import GenerateRequest, ReplicaRoutingStats
 from mixserve.router.prefix_router import PrefixAffinityPolicy
 from mixserve.workers.prefix_hash import block_hashes
-from tests.local_ray import start_local_ray, stop_local_ray
 
 BLOCK = 4
 
@@ -207,13 +208,13 @@ class StandInServer:
 
 @pytest.fixture(scope="module")
 def handle():
-    start_local_ray()
+    init_ray(num_cpus=4, log_to_driver=False)
     try:
         serve.start(proxy_location="Disabled")  # handles only: no HTTP port to collide with
         yield serve.run(StandInServer.bind(), name="prefix_router_test", route_prefix=None)
     finally:
         serve.shutdown()
-        stop_local_ray()
+        ray.shutdown()
 
 
 def _request(rng: random.Random, prefix: list[int], tail_seed: int, **sampling) -> GenerateRequest:

@@ -7,19 +7,19 @@ import time
 import pytest
 import ray
 
+from mixserve.cluster.ray_start import init_ray
 from mixserve.workers.async_engine import AsyncLLMEngine, EngineDeadError
 from mixserve.workers.config import CheckpointError
 from mixserve.workers.step_input import SeqChunk, StepInput
-from tests.local_ray import start_local_ray, stop_local_ray
 
 from .engine_helpers import greedy, make_engine, output_ids, random_prompts
 
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    start_local_ray()
+    init_ray(num_cpus=4, log_to_driver=False)
     yield
-    stop_local_ray()
+    ray.shutdown()
 
 
 def tp2(path, **overrides):
