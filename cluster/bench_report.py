@@ -6,12 +6,14 @@ Ratios are taken within the run (the machine is shared; absolute figures drift w
   served by 1 replica (the fair pair for vLLM's server);
 - shared-prefix rows: mean TTFT over prefix-aware routing's, and the measured prefix-cache hit
   rate (cached prompt tokens / prompt tokens, from each response's `usage`) over the ideal.
-Targets: prefix-aware mean TTFT at least `TTFT_TARGET` times lower than power of two choices, and
-a hit rate of at least `HIT_TARGET` of the ideal.
+Targets: prefix-aware mean TTFT at least `TTFT_TARGET` times lower than power of two choices, a
+hit rate of at least `HIT_TARGET` of the ideal, and mixserve offline at least as fast as each
+peer's offline run (transformers `generate`, vLLM `LLM.generate`) on the same prompts.
 """
 
 TTFT_TARGET = 2.0
 HIT_TARGET = 0.8
+OFFLINE_TARGET = 1.0
 
 TP_NOTE = (
     "TP=2 here puts one rank on each of the 2 cores. It does the same arithmetic as one replica with 2 threads and "
@@ -86,6 +88,12 @@ def render_report(results: list[dict], sizes, kv_prefix: int, per_token: int, id
     if aware and aware["hit_rate"] is not None and ideal_hit:
         frac = aware["hit_rate"] / ideal_hit
         targets["prefix_hit_rate_of_ideal"] = {"value": frac, "target": HIT_TARGET, "met": frac >= HIT_TARGET}
+    for name, stage, label_part in (("offline_over_transformers", "transformers", "transformers"),
+                                    ("offline_over_vllm_offline", "vllm", "offline")):
+        peer = next((r for r in rows if r["stage"] == stage and label_part in r["label"] and r["tok_s"]), None)
+        if offline and peer:
+            ratio = offline / peer["tok_s"]
+            targets[name] = {"value": ratio, "target": OFFLINE_TARGET, "met": ratio >= OFFLINE_TARGET}
     tp2 = next((r for r in rows if r["stage"] == "tp2"), None)
     if one and tp2 and one["tok_s"] and tp2["tok_s"]:
         targets["tp2_over_one_replica"] = {"value": tp2["tok_s"] / one["tok_s"], "target": None, "met": None}

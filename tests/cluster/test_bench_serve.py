@@ -7,6 +7,7 @@ import os
 import pytest
 
 from mixserve.cluster.bench_compare import CompareSizes, prefix_kv_bytes
+from mixserve.cluster.bench_report import render_report
 from mixserve.cluster.bench_workloads import build_workload
 from mixserve.cluster.cli import main
 from mixserve.workers.tokenizer import Tokenizer
@@ -102,3 +103,22 @@ def test_compare_quick_runs_every_mixserve_stage(tmp_path):
     result = json.loads((tmp_path / "compare.json").read_text())
     assert all("result" in s for s in result["stages"] if "skipped" not in s)
     assert (tmp_path / "compare.md").read_text().startswith("| configuration")
+
+
+def test_report_checks_offline_against_each_peers_offline_run():
+    def offline(stage, label, tok_s):
+        return {"stage": stage, "label": label, "result": {"output_tokens_per_s": tok_s, "load_avg_before": [1.0],
+                                                          "load_avg_after": [1.1]}}
+
+    stages = [offline("offline", "mixserve offline", 150.0), offline("transformers", "transformers generate", 100.0),
+              offline("vllm", "vLLM CPU build offline (LLM.generate)", 200.0),
+              {"stage": "vllm", "label": "vLLM CPU build served", "failed": "RuntimeError: boom"}]
+    report = render_report(stages, CompareSizes(), 1 << 20, 8 << 10, 0.8)
+    targets = report["targets"]
+    assert targets["offline_over_transformers"]["value"] == pytest.approx(1.5)
+    assert targets["offline_over_transformers"]["met"]
+    assert targets["offline_over_vllm_offline"]["value"] == pytest.approx(0.75)
+    assert not targets["offline_over_vllm_offline"]["met"]
+    assert "offline_over_vllm_offline: 0.75 (target >= 1.0) - NOT met" in report["markdown"]
+    assert "| vLLM CPU build offline (LLM.generate) | random | 200.0 | 1.33x offline |" in report["markdown"]
+    assert "RuntimeError: boom" in report["markdown"]
