@@ -1,6 +1,9 @@
 """`mixserve serve`: join (or start) a Ray cluster, deploy the app, serve until SIGINT/SIGTERM."""
 
+import math
+import os
 import signal
+import sys
 import threading
 import time
 import urllib.request
@@ -19,7 +22,14 @@ GRPC_SERVICER = "mixserve.router.generate_pb2_grpc.add_GenerateServiceServicer_t
 
 def start_serve(settings: ServeSettings) -> str:
     """Deploy and wait until /health answers; returns the base URL."""
-    init_ray(settings.address)
+    # A local head gets at least the logical CPUs the app asks for (Ray CPUs are scheduling units;
+    # torch threads are set by --threads), so `--replica-cpus 2` on a 2-core laptop still starts.
+    needed = settings.cpus_needed()
+    init_ray(settings.address, num_cpus=max(os.cpu_count() or 1, math.ceil(needed)))
+    have = ray.cluster_resources().get("CPU", 0.0)
+    if have < needed:
+        print(f"warning: the app asks for {needed:g} CPUs, the Ray cluster has {have:g}; replicas stay pending "
+              "until nodes join (or lower --replicas / --replica-cpus / --rank-cpus)", file=sys.stderr, flush=True)
     grpc = None
     if settings.grpc_port:
         grpc = gRPCOptions(port=settings.grpc_port, grpc_servicer_functions=[GRPC_SERVICER])

@@ -62,6 +62,13 @@ class ServeSettings(BaseModel):
             raise ValueError("min_replicas must not exceed max_replicas")
         return self
 
+    def cpus_needed(self) -> float:
+        """Logical Ray CPUs the app asks for at start: its initial replicas (each replica actor plus,
+        with tensor parallelism, its rank actors) and the ingress."""
+        replicas = self.replicas if self.min_replicas is None else max(self.min_replicas, 1)
+        ranks = self.tensor_parallel_size * self.rank_cpus if self.tensor_parallel_size > 1 else 0.0
+        return replicas * (self.replica_cpus + ranks) + self.ingress_cpus
+
     def engine_kwargs(self, model_path: str) -> dict:
         """Arguments of workers.engine_config.EngineConfig for one replica."""
         rank_bundle = {"CPU": self.rank_cpus}

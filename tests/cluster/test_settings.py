@@ -30,6 +30,17 @@ def test_tensor_parallel_replica_owns_one_placement_group_with_a_bundle_per_rank
     assert engine["rank_bundle"] == {"CPU": 4, "GPU": 1}
 
 
+def test_cpus_needed_counts_every_actor_the_deployment_options_ask_for():
+    for s in (ServeSettings(replicas=2, replica_cpus=2.0, ingress_cpus=0.1),
+              ServeSettings(tensor_parallel_size=2, replica_cpus=0.5, rank_cpus=1.0),
+              ServeSettings(min_replicas=0, max_replicas=3, replica_cpus=1.5)):
+        options = _llm_deployment_options(s)
+        bundles = options.get("placement_group_bundles") or [options["ray_actor_options"]]
+        per_replica = sum(b.get("CPU", b.get("num_cpus", 0)) for b in bundles)
+        replicas = options.get("num_replicas") or options["autoscaling_config"]["initial_replicas"]
+        assert s.cpus_needed() == pytest.approx(replicas * per_replica + s.ingress_cpus)
+
+
 def test_prefix_router_is_configured_through_serves_request_router_config():
     options = _llm_deployment_options(ServeSettings(imbalanced_threshold=3, routing_stats_period_s=1.5))
     config = options["request_router_config"]
