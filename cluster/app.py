@@ -61,7 +61,7 @@ def build_app(settings: ServeSettings) -> serve.Application:
     name = settings.served_model_name or (Path(model).name if settings.model else DEMO_MODEL_NAME)
     threads = settings.threads or (max(1, int(settings.replica_cpus)) if settings.tensor_parallel_size == 1 else 1)
     llm = serve.deployment(LLMServer).options(**_llm_deployment_options(settings)).bind(
-        settings.engine_kwargs(model), threads
+        settings.engine_kwargs(model), threads, stream_interval=settings.stream_interval
     )
     ingress = serve.deployment(OpenAIIngress).options(
         name="OpenAIIngress", num_replicas=1, max_ongoing_requests=1024,

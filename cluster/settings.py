@@ -40,6 +40,8 @@ class ServeSettings(BaseModel):
     placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = "STRICT_PACK"
     max_ongoing_requests: int = Field(64, ge=1, description="requests a replica works on at once")
     max_queued_requests: int = Field(128, ge=1, description="beyond this the API answers 503 + Retry-After")
+    stream_interval: int = Field(1, ge=1, description="stream a request's tokens N at a time (its first and last "
+                                 "chunks at once): fewer, larger chunks cost less CPU per token")
     # routing
     prefix_routing: bool = True
     imbalanced_threshold: int = Field(8, ge=0)

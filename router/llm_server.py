@@ -9,8 +9,9 @@ fails (a rank died), `check_health` raises and Serve replaces the replica.
 
 import torch
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
-from ..workers.async_engine import AsyncLLMEngine
+from ..workers.async_engine import AsyncLLMEngine, fold_reports
 from ..workers.engine import LLMEngine
 from ..workers.engine_config import EngineConfig
 from ..workers.outputs import RequestOutput
@@ -19,13 +20,17 @@ from .engine_api import ChoiceDelta, GenerateChunk, GenerateRequest, ReplicaLoad
 
 
 class LLMServer:
-    def __init__(self, engine_kwargs: dict, num_threads: int | None = None, max_published_hashes: int = 8192):
+    def __init__(self, engine_kwargs: dict, num_threads: int | None = None, max_published_hashes: int = 8192,
+                 stream_interval: int = 1):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.engine = AsyncLLMEngine(LLMEngine(EngineConfig(**engine_kwargs)))
-        context = serve.get_replica_context()
-        self.replica_id = context.replica_id.unique_id if context else "local"
+        try:
+            self.replica_id = serve.get_replica_context().replica_id.unique_id
+        except RayServeException:  # constructed outside Serve (in-process use, tests)
+            self.replica_id = "local"
         self.max_published_hashes = max_published_hashes
+        self.stream_interval = stream_interval
 
     def load(self) -> ReplicaLoad:
         engine = self.engine.engine
@@ -52,12 +57,20 @@ class LLMServer:
         )
 
     async def generate(self, request: GenerateRequest):
-        """Stream GenerateChunks for one request. Raises ValueError for a request the engine refuses."""
+        """Stream GenerateChunks for one request. Raises ValueError for a request the engine refuses.
+
+        Chunking rule: the first report goes out at once (time to first token), then reports are
+        folded until a choice holds `stream_interval` new tokens or the request finishes. Each chunk
+        is a Ray object crossing to the ingress, so on a small CPU fewer chunks leave more of it to
+        the model."""
         params = SamplingParams(**request.sampling)
-        first = True
+        first, held = True, None
         async for out in self.engine.generate(request.prompt_token_ids, params, request.request_id):
-            yield self._chunk(out, first)
-            first = False
+            held = out if held is None else fold_reports(held, out)
+            new = max((len(c.delta_token_ids) for c in held.outputs), default=0)
+            if first or held.finished or new >= self.stream_interval:
+                yield self._chunk(held, first)
+                first, held = False, None
 
     def record_routing_stats(self) -> dict:
         engine = self.engine.engine

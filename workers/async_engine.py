@@ -20,7 +20,7 @@ from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
 
-def _merge(earlier: RequestOutput, later: RequestOutput | BaseException) -> RequestOutput | BaseException:
+def fold_reports(earlier: RequestOutput, later: RequestOutput | BaseException) -> RequestOutput | BaseException:
     """Fold an unread report into the next one: the later report's state, both reports' deltas."""
     if isinstance(later, BaseException):
         return later
@@ -76,7 +76,7 @@ class AsyncLLMEngine:
             while not finished:
                 item = await queue.get()
                 while not isinstance(item, BaseException) and not item.finished and not queue.empty():
-                    item = _merge(item, queue.get_nowait())  # the reader fell behind: one item
+                    item = fold_reports(item, queue.get_nowait())  # the reader fell behind: one item
                 if isinstance(item, BaseException):
                     raise EngineDeadError(f"engine failed: {item!r}") from item
                 finished = item.finished
