@@ -3,7 +3,8 @@
 Stages (each may fail or be skipped; the table then says why instead of a figure):
 1. offline: mixserve's engine in this process on the random workload's prompts, all at once;
 2. transformers: Hugging Face `generate` on the same prompts in one batch (bench_offline.py);
-3. served: the same prompts over HTTP, closed loop at `concurrency`, 1 replica (2 threads) and
+3. served: the same prompts over HTTP, closed loop at `concurrency`, 1 replica (2 threads), the
+   same streaming 8 tokens per chunk (`--stream-interval 8`: fewer Ray objects per token), and
    2 replicas (1 thread each, Ray's default power-of-two-choices routing);
 4. tp2: 1 replica with tensor parallelism 2 (a rank per core);
 5. prefix: the shared-prefix workload on 2 replicas, prefix-aware routing against power of two
@@ -266,6 +267,8 @@ def run_compare(model: Path, sizes: CompareSizes, out: Path, skip: set[str], vll
         ("transformers", "transformers generate (1 batch)",
          lambda: _offline(model, prompts, sizes.dtype, "transformers")),
         ("served", "mixserve served, 1 replica x 2 threads", lambda: _served(model, one, rand, sizes.concurrency)),
+        ("served", "mixserve served, 1 replica x 2 threads, --stream-interval 8",
+         lambda: _served(model, dict(one, stream_interval=8), rand, sizes.concurrency)),
         ("served", "mixserve served, 2 replicas x 1 thread", lambda: _served(model, two, rand, sizes.concurrency)),
         ("tp2", "mixserve served, TP=2 (1 rank per core)", lambda: _served(model, tp2, rand, sizes.concurrency)),
         ("prefix", "shared-prefix, 2 replicas, power of two choices",
