@@ -22,13 +22,14 @@ import gc
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from mixserve.workers.ports import free_port
 
 from .bench_plots import plot_bars, plot_latency_cdfs, write_json
 from .bench_serve import LoadConfig, format_summary, run_load_sync
@@ -80,12 +81,6 @@ class _GivenPrompts:
         return self.ids
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def kv_bytes_per_token(model: str, dtype: str) -> int:
     from mixserve.workers.config import DTYPES, load_model_config
     from mixserve.workers.model_runner import kv_bytes_per_block
@@ -132,7 +127,7 @@ def _served(model: str, settings: dict, workload: Workload, concurrency: int) ->
     from .serve_command import start_serve
     from .settings import ServeSettings
 
-    s = ServeSettings(model=model, port=_free_port(), routing_stats_period_s=0.5, **settings)
+    s = ServeSettings(model=model, port=free_port(), routing_stats_period_s=0.5, **settings)
     init_ray(num_cpus=4, log_to_driver=False)  # logical CPUs: 2 replicas + ingress fit
     try:
         url = start_serve(s)
@@ -206,7 +201,7 @@ def _vllm(model: str, sizes: CompareSizes, workload: Workload, venv: Path, out: 
 
     log = out / "vllm.log"
     py = ensure_vllm(venv, log)
-    port = _free_port()
+    port = free_port()
     env = _vllm_env()
     cmd = [str(py), "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
            "--port", str(port), "--max-model-len", str(sizes.max_model_len), "--served-model-name", "peer"]

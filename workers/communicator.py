@@ -10,11 +10,12 @@ The model calls `all_reduce` exactly twice per layer (workers/model.py); the ste
 for both backends.
 """
 
-import socket
 from datetime import timedelta
 from typing import Protocol
 
 import torch
+
+from .ports import free_port
 
 
 class Communicator(Protocol):
@@ -29,9 +30,7 @@ class Communicator(Protocol):
 
 def free_rendezvous_address(host: str) -> str:
     """host:port with a port that was free a moment ago (for gloo's TCP rendezvous)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return f"{host}:{s.getsockname()[1]}"
+    return f"{host}:{free_port(host)}"
 
 
 class GlooCommunicator:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.router.serve_helpers import free_port
+from mixserve.workers.ports import free_port
 
 
 def test_mixserve_serve_answers_a_chat_within_60s_on_a_fresh_cache(tmp_path):

@@ -19,7 +19,7 @@ from ray import serve
 from ray.serve.scripts import cli as serve_cli
 
 from mixserve.cluster.ray_start import init_ray
-from tests.router.serve_helpers import free_port
+from mixserve.workers.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 APP = "mixserve"

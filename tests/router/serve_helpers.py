@@ -1,19 +1,12 @@
 """Start mixserve's real Serve application on loopback for the serving tests."""
 
-import socket
-
 import ray
 from ray import serve
 
 from mixserve.cluster.ray_start import init_ray
 from mixserve.cluster.serve_command import start_serve
 from mixserve.cluster.settings import ServeSettings
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from mixserve.workers.ports import free_port
 
 
 def start(checkpoint, **overrides) -> tuple[str, ServeSettings]:
