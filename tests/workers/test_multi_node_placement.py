@@ -8,11 +8,25 @@ from ray.cluster_utils import Cluster
 from .engine_helpers import greedy, make_engine, output_ids, random_prompts
 
 
+def _start_two_nodes(attempts: int = 3):
+    """A head without CPUs and two 2-CPU nodes; a start that times out (a GCS that never published its
+    port on a loaded machine, see cluster/ray_start.py) is torn down and tried again."""
+    for attempt in range(1, attempts + 1):
+        cluster = Cluster()
+        try:
+            cluster.add_node(num_cpus=0, include_dashboard=False)  # the head
+            nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]
+            cluster.wait_for_nodes()
+            return cluster, nodes
+        except (RuntimeError, ConnectionError, TimeoutError):
+            cluster.shutdown()
+            if attempt == attempts:
+                raise
+
+
 @pytest.fixture(scope="module")
 def two_node_cluster():
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]
-    cluster.wait_for_nodes()
+    cluster, nodes = _start_two_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
     yield cluster, nodes
     ray.shutdown()
