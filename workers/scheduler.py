@@ -10,8 +10,14 @@ The rule, applied once per engine step:
    queue, to be recomputed later (its cached prefix blocks usually survive for it). If that
    victim is the sequence itself, it waits. No step ever fails for lack of blocks.
 3. Only when nothing was preempted this step, waiting sequences are admitted in arrival order
-   (first come, first served; no skipping) while budget remains, fewer than `max_num_seqs` are
-   running, and their first chunk fits in the KV cache. Admission first takes any cached prefix.
+   (first come, first served) while budget remains, fewer than `max_num_seqs` are running, and
+   their first chunk fits in the KV cache. Admission first takes any cached prefix.
+4. A waiting sequence whose next uncached prompt block is being prefilled right now by a running
+   sequence (same chained block hash: the same prefix) is not admitted this step: it keeps its
+   place and takes that prefix from the cache once it is computed, instead of computing it a
+   second time. Sequences behind it may be admitted meanwhile. It cannot starve: running
+   sequences go first, so the prefill it waits for advances every step (or is preempted, and then
+   nothing is pending).
 Parameters: max_num_batched_tokens (token budget per step), max_num_seqs (running sequences).
 """
 
@@ -96,9 +102,16 @@ class Scheduler:
             if seq.status is SequenceStatus.RUNNING:
                 chunks.append(ScheduledChunk(seq, n))
                 budget -= n
+        pending = self._blocks_being_prefilled() if self.waiting and self.kv.pool.enable_caching else set()
+        deferred: list[Sequence] = []
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             hit = self.kv.lookup_prefix(seq) if not seq.block_table else seq.num_prefix_hit_tokens
+            hit_blocks = hit // self.kv.block_size
+            if hit_blocks < len(seq.block_hashes) and seq.block_hashes[hit_blocks] in pending:
+                self.kv.free(seq)  # rule 4: wait for the prefix being computed
+                deferred.append(self.waiting.popleft())
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.kv.allocate_slots(seq, n):
                 self.kv.free(seq)  # give back the prefix blocks; try again next step
@@ -113,6 +126,16 @@ class Scheduler:
             seq.arrival = self._arrivals
             self._arrivals += 1
             self.running.append(seq)
+            if self.kv.pool.enable_caching:
+                pending.update(self._unregistered_prompt_blocks(seq))
             chunks.append(ScheduledChunk(seq, n))
             budget -= n
+        self.waiting.extendleft(reversed(deferred))  # back in front, in their order
         return SchedulerOutput(chunks, preempted)
+
+    def _blocks_being_prefilled(self) -> set[int]:
+        """Chained hashes of the prompt blocks running sequences have yet to register."""
+        return {h for seq in self.running for h in self._unregistered_prompt_blocks(seq)}
+
+    def _unregistered_prompt_blocks(self, seq: Sequence) -> list[int]:
+        return seq.block_hashes[seq.num_registered_blocks : seq.num_prompt_tokens // self.kv.block_size]

@@ -48,3 +48,16 @@ def test_idle_engine_holds_no_referenced_blocks(tiny_checkpoint):
     engine.generate(random_prompts([10, 50, 120], seed=24), greedy(8))
     assert engine.kv.pool.num_used == 0
     assert engine.kv.pool.by_hash  # but their contents stay cached for reuse
+
+
+def test_prompts_arriving_together_compute_their_shared_prefix_once(tiny_checkpoint):
+    shared, tail_a, tail_b, unrelated = random_prompts([64, 9, 7, 30], seed=24)
+    a, b = shared + tail_a[1:], shared + tail_b[1:]  # 4 shared full blocks, then their own tokens
+    alone = make_engine(tiny_checkpoint)
+    expected = [output_ids(alone.generate([p], greedy(8)))[0] for p in (a, b, unrelated)]
+
+    engine = make_engine(tiny_checkpoint)
+    results = engine.generate([a, b, unrelated], greedy(8))
+    assert output_ids(results) == expected
+    assert engine.stats.prompt_tokens_computed == len(a) + (len(b) - 64) + len(unrelated)
+    assert [r.num_cached_tokens for r in results] == [0, 64, 0]

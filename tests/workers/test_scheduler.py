@@ -246,6 +246,40 @@ def test_admission_takes_the_cached_prefix_and_counts_it_once():
     assert (sched.prefix_queries, sched.prefix_hits) == (20, 8)
 
 
+def test_a_prompt_whose_prefix_is_being_prefilled_waits_for_it_and_others_go_ahead():
+    sched = _scheduler(budget=64)
+    first, twin = _seq(0, 14), _seq(1, 14)  # the same 3 full blocks, then the last 2 tokens
+    twin.token_ids[-1] = twin.prompt_token_ids[-1] = 99
+    other = _seq(2, 6, first_token=200)
+    for seq in (first, twin, other):
+        sched.add(seq)
+    out = _step(sched)
+    assert [c.seq for c in out.chunks] == [first, other]  # the twin waits; the one behind it does not
+    assert list(sched.waiting) == [twin] and twin.block_table == []
+    out = _step(sched)
+    admitted = [c for c in out.chunks if c.seq is twin]
+    assert admitted[0].num_tokens == 2 and twin.num_cached_prompt_tokens == 12
+    assert (sched.prefix_queries, sched.prefix_hits) == (14 + 14 + 6, 12)
+    _check_pool_consistent(sched)
+
+
+def test_the_wait_lasts_while_a_chunked_prefill_of_the_prefix_is_under_way():
+    sched = _scheduler(budget=8)
+    first, twin = _seq(0, 20, max_tokens=1), _seq(1, 20, max_tokens=1)
+    sched.add(first)
+    sched.add(twin)
+    steps = 0
+    while not twin.admitted_once and steps < 10:
+        _step(sched)
+        steps += 1
+        _check_pool_consistent(sched)
+    assert steps == 4  # first's 20 prompt tokens take 3 steps of 8; the twin comes in the next one
+    assert twin.num_cached_prompt_tokens == 20 and twin.is_finished  # it recomputed its last token only
+    while sched.has_unfinished():
+        _step(sched)
+    assert sched.prefix_hits == 20
+
+
 def test_prefix_cache_statistics_count_each_prompt_once_even_when_admission_is_retried():
     sched = _scheduler(num_blocks=4, budget=64)
     a = _seq(0, 11, max_tokens=3)
