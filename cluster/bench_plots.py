@@ -24,6 +24,14 @@ def write_json(path: Path, data) -> Path:
     return path
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _run_label(s: dict) -> str:
     c = s["config"]
     load = f"rate {c['rate']}" if c.get("rate") is not None else f"conc {c['concurrency']}"
@@ -44,11 +52,7 @@ def plot_latency_cdfs(summaries: list[dict], path: Path, title: str = "") -> Pat
     if axes[0].get_legend_handles_labels()[0]:
         axes[0].legend(fontsize=7)
     fig.suptitle(title or "latency CDFs")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_sweep(summaries: list[dict], path: Path, title: str = "") -> Path:
@@ -68,11 +72,7 @@ def plot_sweep(summaries: list[dict], path: Path, title: str = "") -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title or "latency against throughput (labels: offered load)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_bars(labels: list[str], values: list[float | None], path: Path, ylabel: str, title: str) -> Path:
@@ -86,8 +86,4 @@ def plot_bars(labels: list[str], values: list[float | None], path: Path, ylabel:
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
