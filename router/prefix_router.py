@@ -197,16 +197,9 @@ class PrefixAwareRouter(RequestRouter):
     see the same queue lengths and a hot prefix would pile onto one replica. So a choice is counted
     when it is made, and the send that follows is not counted again (`on_send_request`)."""
 
-    def initialize_state(
-        self,
-        imbalanced_threshold: int = 8,
-        min_match_blocks: int = 1,
-        max_tracked_blocks_per_replica: int = 8192,
-        published_grace_s: float = 10.0,
-    ):
-        self.policy = PrefixAffinityPolicy(
-            imbalanced_threshold, min_match_blocks, max_tracked_blocks_per_replica, published_grace_s
-        )
+    def initialize_state(self, **policy_kwargs):
+        """`request_router_kwargs`: PrefixAffinityPolicy's parameters (module docstring), its defaults."""
+        self.policy = PrefixAffinityPolicy(**policy_kwargs)
         self._last_stats: dict[ReplicaID, dict] = {}
         self._counted_at_choice: Counter = Counter()  # replica id -> choices not yet sent
 
