@@ -1,8 +1,9 @@
 """Test helpers: small Hugging Face checkpoints written tensor by tensor, and sequences.
 
 `write_tiny_hf_checkpoint` writes config.json + model.safetensors with random weights (no
-tokenizer). The safetensors file is streamed one tensor at a time, so a checkpoint of a few
-hundred MB never sits in the test process's memory.
+tokenizer) in any shape, with the tensor list and config.json of workers/random_checkpoint.py. The
+safetensors file is streamed one tensor at a time, so a checkpoint of a few hundred MB never sits
+in the test process's memory.
 """
 
 import json
@@ -12,43 +13,12 @@ from pathlib import Path
 
 import torch
 
+from mixserve.workers.config import ModelConfig
+from mixserve.workers.random_checkpoint import hf_config, tensor_specs
 from mixserve.workers.sampling_params import SamplingParams
 from mixserve.workers.sequence import Sequence
 
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-
-
-def tensor_specs(
-    *, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, head_dim: int, experts: int,
-    dense: bool, vocab: int,
-) -> list[tuple[str, tuple[int, ...]]]:
-    """(Hugging Face name, shape) of every tensor of a Mixtral (or dense Mistral) checkpoint."""
-    q_out, kv_out = heads * head_dim, kv_heads * head_dim
-    specs = [("model.embed_tokens.weight", (vocab, hidden))]
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        specs += [
-            (p + "input_layernorm.weight", (hidden,)),
-            (p + "self_attn.q_proj.weight", (q_out, hidden)),
-            (p + "self_attn.k_proj.weight", (kv_out, hidden)),
-            (p + "self_attn.v_proj.weight", (kv_out, hidden)),
-            (p + "self_attn.o_proj.weight", (hidden, q_out)),
-            (p + "post_attention_layernorm.weight", (hidden,)),
-        ]
-        if dense:
-            specs += [
-                (p + "mlp.gate_proj.weight", (intermediate, hidden)),
-                (p + "mlp.up_proj.weight", (intermediate, hidden)),
-                (p + "mlp.down_proj.weight", (hidden, intermediate)),
-            ]
-        else:
-            specs.append((p + "block_sparse_moe.gate.weight", (experts, hidden)))
-            for e in range(experts):
-                x = f"{p}block_sparse_moe.experts.{e}."
-                specs += [(x + "w1.weight", (intermediate, hidden)), (x + "w2.weight", (hidden, intermediate)),
-                          (x + "w3.weight", (intermediate, hidden))]
-    specs += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
-    return specs
 
 
 def write_safetensors_streaming(
@@ -78,35 +48,6 @@ def write_safetensors_streaming(
     return offset
 
 
-def hf_config(
-    *, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, head_dim: int, experts: int,
-    dense: bool, vocab: int, sliding_window: int | None, dtype: torch.dtype, max_positions: int = 4096,
-) -> dict:
-    config = {
-        "architectures": ["MistralForCausalLM" if dense else "MixtralForCausalLM"],
-        "model_type": "mistral" if dense else "mixtral",
-        "vocab_size": vocab,
-        "hidden_size": hidden,
-        "intermediate_size": intermediate,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "head_dim": head_dim,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 1e6,
-        "sliding_window": sliding_window,
-        "max_position_embeddings": max_positions,
-        "torch_dtype": str(dtype).replace("torch.", ""),
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "tie_word_embeddings": False,
-    }
-    if not dense:
-        config["num_local_experts"] = experts
-        config["num_experts_per_tok"] = 2
-    return config
-
-
 def write_tiny_hf_checkpoint(
     path: Path,
     *,
@@ -134,11 +75,14 @@ def write_tiny_hf_checkpoint(
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    head_dim = head_dim or hidden // heads
-    shape_args = dict(hidden=hidden, intermediate=intermediate, layers=layers, heads=heads, kv_heads=kv_heads,
-                      head_dim=head_dim, experts=experts, dense=dense, vocab=vocab)
+    shape = ModelConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_layers=layers, num_heads=heads,
+        num_kv_heads=kv_heads, head_dim=head_dim or hidden // heads, rms_norm_eps=1e-5, rope_theta=1e6,
+        sliding_window=sliding_window, num_experts=experts, num_experts_per_tok=2,
+        max_position_embeddings=max_positions, checkpoint_dtype=str(dtype).replace("torch.", ""), layout="hf",
+    )
     dropped, reshape = set(drop), reshape or {}
-    specs = [(n, reshape.get(n, s)) for n, s in tensor_specs(**shape_args) if n not in dropped]
+    specs = [(n, reshape.get(n, s)) for n, s, _, _ in tensor_specs(shape, dense) if n not in dropped]
     generator = torch.Generator().manual_seed(seed)
 
     def make(name: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -147,7 +91,7 @@ def write_tiny_hf_checkpoint(
         return torch.randn(shape, generator=generator).mul_(shape[-1] ** -0.5)
 
     nbytes = write_safetensors_streaming(path / "model.safetensors", specs, dtype, make)
-    config = hf_config(**shape_args, sliding_window=sliding_window, dtype=dtype, max_positions=max_positions)
+    config = hf_config(shape, dense, sliding_window, shape.checkpoint_dtype)
     config.update(config_overrides or {})
     (path / "config.json").write_text(json.dumps(config, indent=1))
     return path, nbytes

@@ -1,7 +1,8 @@
 """Model presets: the shapes of the random-weight models mixserve builds for tests and benchmarks.
 
-A preset is only a shape; `random_checkpoint.write_random_checkpoint` turns one into a Hugging Face
-checkpoint on disk, and the engine then reads it back like any other checkpoint.
+A preset is the ModelConfig of the checkpoint it describes (shape, dtype, Hugging Face layout);
+`random_checkpoint.write_random_checkpoint` writes one to disk with random weights, and the engine
+then reads it back like any other checkpoint.
 
 | preset | use        | params (active) |
 |--------|------------|-----------------|
@@ -9,31 +10,10 @@ checkpoint on disk, and the engine then reads it back like any other checkpoint.
 | mini   | benchmarks | ~0.8 B (~0.26 B active per token)                 |
 """
 
-from dataclasses import dataclass
+from .config import ModelConfig
 
-
-@dataclass(frozen=True, slots=True)
-class ModelPreset:
-    name: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    num_experts: int
-    num_experts_per_tok: int
-    sliding_window: int | None  # None = full attention
-    dtype: str  # "float32" | "bfloat16"
-    rope_theta: float
-    rms_norm_eps: float
-    max_position_embeddings: int
-
-
-PRESETS: dict[str, ModelPreset] = {
-    "tiny": ModelPreset(
-        name="tiny",
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(
         vocab_size=32000,
         hidden_size=64,
         intermediate_size=128,
@@ -44,13 +24,13 @@ PRESETS: dict[str, ModelPreset] = {
         num_experts=8,
         num_experts_per_tok=2,
         sliding_window=64,
-        dtype="float32",
+        checkpoint_dtype="float32",
+        layout="hf",
         rope_theta=1e6,
         rms_norm_eps=1e-5,
         max_position_embeddings=4096,
     ),
-    "mini": ModelPreset(
-        name="mini",
+    "mini": ModelConfig(
         vocab_size=32000,
         hidden_size=1024,
         intermediate_size=3584,
@@ -61,7 +41,8 @@ PRESETS: dict[str, ModelPreset] = {
         num_experts=8,
         num_experts_per_tok=2,
         sliding_window=None,
-        dtype="bfloat16",
+        checkpoint_dtype="bfloat16",
+        layout="hf",
         rope_theta=1e6,
         rms_norm_eps=1e-5,
         max_position_embeddings=32768,
@@ -69,7 +50,7 @@ PRESETS: dict[str, ModelPreset] = {
 }
 
 
-def get_preset(name: str) -> ModelPreset:
+def get_preset(name: str) -> ModelConfig:
     try:
         return PRESETS[name]
     except KeyError:

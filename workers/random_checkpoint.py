@@ -33,12 +33,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .presets import ModelPreset, get_preset
+from .config import DTYPES, ModelConfig
+from .presets import get_preset
 from .tokenizer import MISTRAL_INSTRUCT_CHAT_TEMPLATE
 
 LM_HEAD_SCALE = 10.0  # logit std; tiny: median top-1/top-2 gap ~1.6, mean top-1 probability ~0.7
 DEMO_NAME = "demo-tiny-v1"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _PRESET_DEFAULT = object()  # sentinel: "use the preset's sliding window"; None means no window
 
 
@@ -50,7 +50,7 @@ def mistral_tokenizer_model() -> Path:
 # ---------------------------------------------------------------- tensors
 
 
-def _tensor_specs(p: ModelPreset, dense: bool) -> list[tuple[str, tuple[int, ...], str, float]]:
+def tensor_specs(p: ModelConfig, dense: bool) -> list[tuple[str, tuple[int, ...], str, float]]:
     """(name, shape, init kind, std) of every tensor, in Hugging Face names and file order."""
     H, I, E = p.hidden_size, p.intermediate_size, p.num_experts
     q_out, kv_out = p.num_heads * p.head_dim, p.num_kv_heads * p.head_dim
@@ -116,7 +116,8 @@ def _shards(sizes: list[int], max_shard_bytes: int | None) -> list[list[int]]:
 # ---------------------------------------------------------------- config + tokenizer files
 
 
-def _hf_config(p: ModelPreset, dense: bool, sliding_window: int | None, dtype: str) -> dict:
+def hf_config(p: ModelConfig, dense: bool, sliding_window: int | None, dtype: str) -> dict:
+    """config.json of a checkpoint of shape `p` (Mixtral, or Mistral when dense)."""
     config = {
         "architectures": ["MistralForCausalLM" if dense else "MixtralForCausalLM"],
         "model_type": "mistral" if dense else "mixtral",
@@ -248,7 +249,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 def write_random_checkpoint(
     out_dir: str | Path,
-    preset: str | ModelPreset = "tiny",
+    preset: str | ModelConfig = "tiny",
     seed: int = 0,
     *,
     dense: bool = False,
@@ -260,14 +261,14 @@ def write_random_checkpoint(
     and return its path. dense=True writes a Mistral (dense MLP) model instead of a Mixtral."""
     p = get_preset(preset) if isinstance(preset, str) else preset
     window = p.sliding_window if sliding_window is _PRESET_DEFAULT else sliding_window
-    dtype_name = dtype or p.dtype
-    if dtype_name not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype_name!r}")
-    torch_dtype = _DTYPES[dtype_name]
+    dtype_name = dtype or p.checkpoint_dtype
+    if dtype_name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype_name!r}")
+    torch_dtype = DTYPES[dtype_name]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    specs = _tensor_specs(p, dense)
+    specs = tensor_specs(p, dense)
     itemsize = torch.empty((), dtype=torch_dtype).element_size()
     sizes = [itemsize * torch.Size(shape).numel() for _, shape, _, _ in specs]
     shards = _shards(sizes, max_shard_bytes)
@@ -285,7 +286,7 @@ def write_random_checkpoint(
         index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
         _write_json(out / "model.safetensors.index.json", index)
 
-    _write_json(out / "config.json", _hf_config(p, dense, window, dtype_name))
+    _write_json(out / "config.json", hf_config(p, dense, window, dtype_name))
     _write_json(out / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2})
     _write_tokenizer_files(out, p.max_position_embeddings)
     return out
