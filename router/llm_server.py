@@ -7,6 +7,8 @@ prefix-cache contents to the prefix-aware router through `record_routing_stats`.
 fails (a rank died), `check_health` raises and Serve replaces the replica.
 """
 
+import asyncio
+
 import torch
 from ray import serve
 from ray.serve.exceptions import RayServeException
@@ -87,7 +89,7 @@ class LLMServer:
         return {"load": self.load(), "engine": self.engine.engine.stats}
 
     async def check_health(self) -> None:
-        self.engine.check_health()
+        await asyncio.to_thread(self.engine.check_health)  # pings the rank actors: off the event loop
 
     def __del__(self):
         engine = getattr(self, "engine", None)

@@ -51,9 +51,14 @@ class AsyncLLMEngine:
         return self._error is None
 
     def check_health(self) -> None:
+        """Raise if the engine failed or its executor (e.g. a rank actor) no longer answers. Blocking:
+        for a periodic health check, never for a request (a dead rank fails the next step anyway)."""
+        self._raise_if_failed()
+        self.engine.executor.check_health()
+
+    def _raise_if_failed(self) -> None:
         if self._error is not None:
             raise EngineDeadError(f"engine failed: {self._error!r}") from self._error
-        self.engine.executor.check_health()
 
     async def call(self, fn, *args):
         """Run fn(*args) on the engine thread (for stats or other engine reads)."""
@@ -63,7 +68,7 @@ class AsyncLLMEngine:
         self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
         """Stream the request's reports until it finishes. Raises ValueError for a bad request."""
-        self.check_health()
+        self._raise_if_failed()
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
