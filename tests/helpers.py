@@ -99,7 +99,7 @@ def write_tiny_hf_checkpoint(
 
 def make_sequence(seq_id: int, prompt: list[int], **params) -> Sequence:
     """A waiting sequence for scheduler / KV-cache tests."""
-    return Sequence(seq_id, f"req-{seq_id}", 0, list(prompt), SamplingParams(**params), seed=seq_id, arrival=0)
+    return Sequence(seq_id, f"req-{seq_id}", 0, list(prompt), SamplingParams(**params), seed=seq_id)
 
 
 def naive_attention(q, k, v, query_positions, window: int | None, scale: float):

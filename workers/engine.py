@@ -1,9 +1,10 @@
 """The engine of one replica: requests in, tokens out, one step at a time.
 
 `add_request` validates and queues; `step` schedules a batch (workers/scheduler.py), runs it on
-the executor, appends sampled tokens, applies stop conditions and reports every request that
-moved; `abort_request` drops a request and frees its blocks. `generate` is the blocking
-convenience over those three. Not thread-safe: one thread drives an engine
+the executor, appends sampled tokens, applies stop conditions, hands the step back to the
+scheduler (`postprocess`: computed tokens, prefix cache, finished sequences) and reports every
+request that moved; `abort_request` drops a request and frees its blocks. `generate` is the
+blocking convenience over those three. Not thread-safe: one thread drives an engine
 (workers/async_engine.py does so for asyncio callers).
 """
 
@@ -22,7 +23,7 @@ from .request_checks import completion_budget, max_model_len, prompt_token_ids
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledChunk, Scheduler
 from .sequence import Sequence
-from .step_input import SamplingRow, SeqChunk, StepInput, TokenLogprobs
+from .step_input import SamplingRow, SeqChunk, SeqResult, StepInput, TokenLogprobs
 from .detokenizer import IncrementalDetokenizer
 from .tokenizer import Tokenizer
 
@@ -72,7 +73,7 @@ class LLMEngine:
         seqs = []
         for index in range(params.n):
             seed = params.seed + index if params.seed is not None else self._seed_rng.getrandbits(62)
-            seq = Sequence(next(self._seq_ids), request_id, index, ids, params, seed, arrival=0, max_tokens=max_tokens)
+            seq = Sequence(next(self._seq_ids), request_id, index, ids, params, seed, max_tokens=max_tokens)
             seq.detokenizer = IncrementalDetokenizer(
                 self.tokenizer, ids, stop_strings=params.stop,
                 include_stop_str_in_output=params.include_stop_str_in_output,
@@ -133,26 +134,28 @@ class LLMEngine:
         if not scheduled.chunks:
             return []
         result = self.executor.execute(StepInput([self._chunk_input(c) for c in scheduled.chunks]))
-        self.stats.steps += 1
         touched: dict[str, None] = {}
         for chunk in scheduled.chunks:
-            seq = chunk.seq
-            start = seq.num_computed_tokens
-            self.stats.prompt_tokens_computed += max(0, min(start + chunk.num_tokens, seq.num_prompt_tokens) - start)
-            seq.num_computed_tokens += chunk.num_tokens
-            self.kv.cache_computed_blocks(seq)
-            self.kv.release_out_of_window(seq)
-            out = result.results.get(seq.seq_id)
-            if out is None:
-                continue
-            if out.prompt_logprobs:
-                for offset, entry in enumerate(out.prompt_logprobs):
-                    if start + 1 + offset == len(seq.prompt_logprobs):
-                        seq.prompt_logprobs.append(entry)
-            if out.token_id is not None:
-                self._append_token(seq, out.token_id, out.logprobs)
-                touched[seq.request_id] = None
+            if self._take_result(chunk.seq, result.results.get(chunk.seq.seq_id)):
+                touched[chunk.seq.request_id] = None
+        self.stats.steps += 1
+        self.stats.prompt_tokens_computed += self.scheduler.postprocess(scheduled)
         return [self._report(rid) for rid in touched]
+
+    def _take_result(self, seq: Sequence, out: SeqResult | None) -> bool:
+        """Record a sequence's prompt logprobs and sampled token (before `postprocess` advances
+        it); True if a token was sampled."""
+        if out is None:
+            return False
+        if out.prompt_logprobs:
+            start = seq.num_computed_tokens
+            for offset, entry in enumerate(out.prompt_logprobs):
+                if start + 1 + offset == len(seq.prompt_logprobs):
+                    seq.prompt_logprobs.append(entry)
+        if out.token_id is None:
+            return False
+        self._append_token(seq, out.token_id, out.logprobs)
+        return True
 
     def _append_token(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> None:
         seq.token_ids.append(token)
@@ -173,10 +176,8 @@ class LLMEngine:
             seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len
         ):
             seq.finish_reason = "length"
-        if seq.finish_reason is not None:
-            if detok.stopped_by is None:
-                seq.delta_text += detok.flush()
-            self.scheduler.finish(seq)
+        if seq.finish_reason is not None and detok.stopped_by is None:
+            seq.delta_text += detok.flush()
 
     def _report(self, request_id: str) -> RequestOutput:
         prompt, seqs = self._requests[request_id]

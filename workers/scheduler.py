@@ -18,6 +18,10 @@ The rule, applied once per engine step:
    second time. Sequences behind it may be admitted meanwhile. It cannot starve: running
    sequences go first, so the prefill it waits for advances every step (or is preempted, and then
    nothing is pending).
+5. After the step has run and the engine has appended its sampled tokens, `postprocess` advances
+   each scheduled sequence by its chunk, offers its newly completed blocks to the prefix cache,
+   releases the blocks that left its sliding window, and retires the sequences the engine marked
+   finished (their blocks are freed).
 Parameters: max_num_batched_tokens (token budget per step), max_num_seqs (running sequences).
 """
 
@@ -30,6 +34,8 @@ from .sequence import Sequence, SequenceStatus
 
 @dataclass(slots=True)
 class ScheduledChunk:
+    """Valid from `schedule` until `postprocess` advances the sequence past the chunk."""
+
     seq: Sequence
     num_tokens: int  # tokens computed this step, from seq.num_computed_tokens on
 
@@ -50,13 +56,16 @@ class SchedulerOutput:
 
 
 class Scheduler:
+    """Invariant: `running` is in admission order (a sequence is appended when admitted and never
+    moved; a preempted one is admitted again at the end), so `running[-1]` is the most recently
+    admitted sequence, the one rule 2 preempts."""
+
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int):
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self._arrivals = 0
         self.num_preemptions = 0
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of which found cached
@@ -123,8 +132,6 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             seq.admitted_once = True
-            seq.arrival = self._arrivals
-            self._arrivals += 1
             self.running.append(seq)
             if self.kv.pool.enable_caching:
                 pending.update(self._unregistered_prompt_blocks(seq))
@@ -132,6 +139,24 @@ class Scheduler:
             budget -= n
         self.waiting.extendleft(reversed(deferred))  # back in front, in their order
         return SchedulerOutput(chunks, preempted)
+
+    def postprocess(self, scheduled: SchedulerOutput) -> int:
+        """Account for a step that ran `scheduled` (rule 5); returns the prompt tokens it computed.
+
+        Call once per step, after the engine appended the sampled tokens and set `finish_reason`
+        on the sequences that are done.
+        """
+        prompt_tokens = 0
+        for chunk in scheduled.chunks:
+            seq = chunk.seq
+            start = seq.num_computed_tokens
+            prompt_tokens += max(0, min(start + chunk.num_tokens, seq.num_prompt_tokens) - start)
+            seq.num_computed_tokens += chunk.num_tokens
+            self.kv.cache_computed_blocks(seq)
+            self.kv.release_out_of_window(seq)
+            if seq.finish_reason is not None:
+                self.finish(seq)
+        return prompt_tokens
 
     def _blocks_being_prefilled(self) -> set[int]:
         """Chained hashes of the prompt blocks running sequences have yet to register."""

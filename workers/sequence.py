@@ -28,7 +28,6 @@ class Sequence:
     prompt_token_ids: list[int]
     params: SamplingParams
     seed: int  # noise for token i is drawn from a generator seeded with (seed, i)
-    arrival: int  # admission order; later arrivals are preempted first
     token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0

@@ -1,6 +1,7 @@
 """workers/scheduler.py: one token budget per step, running before waiting, chunked prefill,
-preemption of the most recently admitted sequence, max_num_seqs; and, driven together with the
-KV cache manager and build_model_inputs, every query reading the K/V of its own prefix."""
+preemption of the most recently admitted sequence, max_num_seqs, postprocess; and, driven
+together with the KV cache manager and build_model_inputs, every query reading the K/V of its own
+prefix."""
 
 import random
 
@@ -26,20 +27,21 @@ def _seq(seq_id, prompt_len, max_tokens=4, first_token=0):
     return seq
 
 
+def _sample(seq, token):
+    """What the engine does with a sampled token, reduced to the max_tokens stop."""
+    seq.token_ids.append(token)
+    if seq.num_output_tokens >= seq.max_tokens:
+        seq.finish_reason = "length"
+
+
 def _step(sched: Scheduler):
-    """Schedule and "run" one step as the engine does: advance computed tokens, cache full
-    blocks, release blocks that left the window, append a token to sequences whose chunk completes them, finish at max_tokens."""
+    """One engine step with a fake model: schedule, sample a token for each sequence whose chunk
+    completes it, then hand the step back to the scheduler's postprocess."""
     out = sched.schedule()
     for chunk in out.chunks:
-        seq = chunk.seq
-        completes = chunk.completes_sequence
-        seq.num_computed_tokens += chunk.num_tokens
-        sched.kv.cache_computed_blocks(seq)
-        sched.kv.release_out_of_window(seq)
-        if completes:
-            seq.token_ids.append(1000 + seq.num_output_tokens)
-            if seq.num_output_tokens >= seq.max_tokens:
-                sched.finish(seq)
+        if chunk.completes_sequence:
+            _sample(chunk.seq, 1000 + chunk.seq.num_output_tokens)
+    sched.postprocess(out)
     return out
 
 
@@ -83,9 +85,9 @@ def test_a_long_prompt_is_prefilled_in_chunks_over_several_steps():
 def test_only_the_chunk_that_reaches_the_last_token_completes_the_sequence():
     sched = _scheduler(budget=8)
     sched.add(_seq(0, 12))
-    first = sched.schedule().chunks[0]
-    assert not first.completes_sequence
-    first.seq.num_computed_tokens += first.num_tokens
+    out = sched.schedule()
+    assert not out.chunks[0].completes_sequence
+    sched.postprocess(out)
     assert sched.schedule().chunks[0].completes_sequence
 
 
@@ -215,6 +217,26 @@ def test_a_tiny_pool_with_a_sliding_window_runs_sequences_longer_than_the_pool()
         assert sched.kv.pool.num_used <= 5
     assert seq.is_finished and seq.num_output_tokens == 30
     assert sched.num_preemptions == 0
+
+
+def test_postprocess_advances_each_chunk_counts_its_prompt_tokens_and_retires_finished_sequences():
+    sched = _scheduler(budget=8)
+    a, b = _seq(0, 6, max_tokens=1), _seq(1, 5, first_token=50)
+    sched.add(a)
+    sched.add(b)
+    out = sched.schedule()  # a's whole prompt, the first 2 tokens of b's
+    _sample(a, 7)  # a reaches max_tokens
+    assert sched.postprocess(out) == 6 + 2
+    assert a.is_finished and a.block_table == [] and sched.running == [b]
+    assert b.num_computed_tokens == 2
+    probe = _seq(2, 6)
+    assert sched.kv.lookup_prefix(probe) == 4  # a's full block went to the prefix cache
+    sched.kv.free(probe)
+    out = sched.schedule()
+    _sample(b, 7)
+    assert sched.postprocess(out) == 3 and b.num_computed_tokens == 5
+    out = sched.schedule()
+    assert out.num_tokens == 1 and sched.postprocess(out) == 0  # a decode computes no prompt token
 
 
 def test_finish_removes_the_sequence_and_frees_its_blocks():
@@ -351,15 +373,9 @@ def _run_workload(rng, window, budget, caching, max_num_seqs):
                 if chunk.mask[:, j].any():
                     assert cache.get(slot) == tuple(seq.token_ids[: first + j + 1])
         for c in out.chunks:
-            seq = c.seq
-            completes = c.completes_sequence
-            seq.num_computed_tokens += c.num_tokens
-            sched.kv.cache_computed_blocks(seq)
-            sched.kv.release_out_of_window(seq)
-            if completes:
-                seq.token_ids.append(hash(tuple(seq.token_ids)) % 7)  # a deterministic "model"
-                if seq.num_output_tokens >= seq.max_tokens:
-                    sched.finish(seq)
+            if c.completes_sequence:
+                _sample(c.seq, hash(tuple(c.seq.token_ids)) % 7)  # a deterministic "model"
+        sched.postprocess(out)
     assert all(s.is_finished for s in seqs), "workload did not finish"
     return sched
 
