@@ -8,11 +8,14 @@ blocking convenience over those three. Not thread-safe: one thread drives an eng
 (workers/async_engine.py does so for asyncio callers).
 """
 
+import logging
 import random
 from dataclasses import dataclass
 from itertools import count
 
+from ..kernels.capability import cpu_capability
 from .config import load_model_config
+from .dtype_choice import choose_dtype
 from .engine_config import EngineConfig
 from .executor import Executor, make_executor
 from .kv_cache_manager import KVCacheManager
@@ -26,6 +29,8 @@ from .sequence import Sequence
 from .step_input import SamplingRow, SeqChunk, SeqResult, StepInput, TokenLogprobs
 from .detokenizer import IncrementalDetokenizer
 from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -42,7 +47,10 @@ class LLMEngine:
         self.config = config
         self.model_config = mc = load_model_config(config.model)
         check_shardable(mc, config.tensor_parallel_size, config.expert_parallel)
-        self.dtype = config.torch_dtype(mc)
+        self.dtype_choice = choose_dtype(config.dtype, mc, config.device, config.tensor_parallel_size,
+                                         config.kv_cache_bytes)
+        self.dtype = self.dtype_choice.dtype
+        log.info("dtype %s: %s", self.dtype_choice.name, self.dtype_choice.reason)
         self.tokenizer = Tokenizer.from_dir(config.model)
         self.max_model_len = max_model_len(config.max_model_len, mc.max_position_embeddings)
         per_block = kv_bytes_per_block(mc, config.block_size, self.dtype, config.tensor_parallel_size)
@@ -219,6 +227,12 @@ class LLMEngine:
                 if out.finished:
                     final[out.request_id] = out
         return [final[rid] for rid in ids]
+
+    def kernel_report(self) -> dict:
+        """What this engine runs on and with: the CPU, the dtype and why, each linear shape's kernel."""
+        cpu = cpu_capability()
+        return {"cpu": cpu.summary(), "dtype": self.dtype_choice.name, "dtype_reason": self.dtype_choice.reason,
+                "linear_kernels": self.executor.kernel_report()}
 
     def shutdown(self) -> None:
         self.executor.shutdown()

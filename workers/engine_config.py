@@ -2,15 +2,12 @@
 
 from dataclasses import dataclass, field
 
-import torch
-
-from .config import DTYPES, ModelConfig
-
 
 @dataclass(slots=True)
 class EngineConfig:
     model: str
-    dtype: str = "auto"  # "auto" = the checkpoint's dtype
+    dtype: str = "auto"  # "auto": workers/dtype_choice.py's rule
+    linear_kernel: str = "auto"  # "auto": kernels/kernel_choice.py's rule; or "reference" / "onednn"
     block_size: int = 16  # tokens per KV-cache block
     kv_cache_bytes: int = 1 << 30  # per rank; sets the number of blocks
     num_blocks: int | None = None  # overrides kv_cache_bytes
@@ -29,9 +26,3 @@ class EngineConfig:
     device: str = "cpu"
     seed: int = 0  # seeds the seeds of unseeded requests
     show_progress: bool = False
-
-    def torch_dtype(self, model_config: ModelConfig) -> torch.dtype:
-        name = model_config.checkpoint_dtype if self.dtype == "auto" else self.dtype
-        if name not in DTYPES:
-            raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
-        return DTYPES[name]

@@ -16,6 +16,9 @@ class Executor(Protocol):
     def check_health(self) -> None:
         """Raise if the executor can no longer run steps."""
 
+    def kernel_report(self) -> dict[str, str]:
+        """Linear weight shape -> the kernel chosen for it at load (rank 0's choices)."""
+
     def shutdown(self) -> None: ...
 
 
@@ -31,6 +34,9 @@ class LocalExecutor:
     def check_health(self) -> None:
         return None
 
+    def kernel_report(self) -> dict[str, str]:
+        return dict(self.runner.model.kernel_report)
+
     def shutdown(self) -> None:
         self.runner = None
 
@@ -39,7 +45,7 @@ def make_executor(config: EngineConfig, model_config: ModelConfig, dtype: torch.
     """In-process for a single rank; Ray actors in a placement group for tensor parallelism."""
     if config.tensor_parallel_size == 1 and not config.distributed:
         runner = ModelRunner(config.model, model_config, dtype, cache, device=config.device,
-                             show_progress=config.show_progress)
+                             show_progress=config.show_progress, linear_kernel=config.linear_kernel)
         return LocalExecutor(runner)
     from .ray_executor import PlacementSpec, RayExecutor
 
@@ -50,4 +56,5 @@ def make_executor(config: EngineConfig, model_config: ModelConfig, dtype: torch.
     )
     dtype_name = str(dtype).replace("torch.", "")
     return RayExecutor(config.model, model_config, dtype_name, cache, config.tensor_parallel_size, placement,
-                       device=config.device, expert_parallel=config.expert_parallel)
+                       device=config.device, expert_parallel=config.expert_parallel,
+                       linear_kernel=config.linear_kernel)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..kernels.linear import pack_weight
+from ..kernels.kernel_choice import LinearKernelChooser
 from ..kernels.rotary import rotary_table
 from .checkpoint import CheckpointReader
 from .config import CheckpointError, ModelConfig
@@ -70,9 +70,14 @@ def load_model(
     all_reduce: AllReduce = no_all_reduce,
     device: str | torch.device = "cpu",
     show_progress: bool = False,
+    linear_kernel: str = "auto",
 ) -> MixtralModel:
+    """This rank's model; `linear_kernel` is kernels/kernel_choice.py's mode (its choices end up in
+    `model.kernel_report`)."""
     check_shardable(config, shard.world_size, shard.expert_parallel)
     reader = CheckpointReader(path, config)
+    kernels = LinearKernelChooser(linear_kernel)
+    pack_weight = kernels.pack
     c = config
     dh, hidden, inter = c.head_dim, c.hidden_size, c.intermediate_size
     q_rows, kv_rows = shard.part(c.num_heads * dh), shard.part(c.num_kv_heads * dh)
@@ -90,6 +95,10 @@ def load_model(
             reader.read_into(out[start : start + rows.stop - rows.start], name, shape, rows=rows)
         return pack_weight(out.to(device))
 
+    # The LM head first: packing it briefly takes 2-3 copies of it, and that transient must not
+    # come on top of every layer already loaded (in small-vocabulary-heavy models it is 25% of all).
+    lm_head = pack_weight(read("lm_head.weight", (c.vocab_size, hidden)))
+    _return_freed_memory()
     layers = []
     for i in tqdm(range(c.num_layers), desc="loading layers", disable=not show_progress):
         p = f"model.layers.{i}."
@@ -142,7 +151,8 @@ def load_model(
         embed=read("model.embed_tokens.weight", (c.vocab_size, hidden)),
         layers=layers,
         norm=read("model.norm.weight", (hidden,)),
-        lm_head=pack_weight(read("lm_head.weight", (c.vocab_size, hidden))),
+        lm_head=lm_head,
         rotary=(cos.to(device), sin.to(device)),
         all_reduce=all_reduce,
+        kernel_report=kernels.report,
     )

@@ -87,6 +87,7 @@ class MixtralModel:
         lm_head: LinearWeight,
         rotary: tuple[torch.Tensor, torch.Tensor],
         all_reduce: AllReduce = no_all_reduce,
+        kernel_report: dict[str, str] | None = None,
     ):
         self.config = config
         self.embed = embed  # [V, D]
@@ -96,6 +97,7 @@ class MixtralModel:
         self.cos, self.sin = rotary  # [P, Dh] each, float32
         self.all_reduce = all_reduce
         self.dtype = embed.dtype
+        self.kernel_report = kernel_report or {}  # linear weight shape -> kernel chosen at load
 
     def weight_bytes(self) -> int:
         """Bytes of the weights this rank holds."""

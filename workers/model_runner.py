@@ -41,10 +41,11 @@ class ModelRunner:
         all_reduce: AllReduce = no_all_reduce,
         device: str = "cpu",
         show_progress: bool = False,
+        linear_kernel: str = "auto",
     ):
         self.config = config
         self.cache = cache
-        self.model = load_model(model_path, config, dtype, shard, all_reduce, device, show_progress)
+        self.model = load_model(model_path, config, dtype, shard, all_reduce, device, show_progress, linear_kernel)
         kv_heads = config.num_kv_heads // shard.world_size
         slots = cache.num_blocks * cache.block_size
         # [layers, K/V, Kr, S, Dh]

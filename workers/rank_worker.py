@@ -46,13 +46,13 @@ class RankWorker:
             raise ValueError(f"unknown communicator backend {backend!r}")
 
     def load(self, model_path: str, config: ModelConfig, dtype: str, cache: CacheShape, device: str,
-             expert_parallel: bool = False) -> int:
+             expert_parallel: bool = False, linear_kernel: str = "auto") -> int:
         """Load this rank's shard and allocate its KV cache; returns its weight bytes."""
         all_reduce = self.communicator.all_reduce if self.communicator else (lambda x: x)
         shard = ShardSpec(self.rank, self.world_size, expert_parallel)
         self.runner = ModelRunner(
             model_path, config, DTYPES[dtype], cache, shard, all_reduce,
-            device="cuda" if device == "cuda" else "cpu",
+            device="cuda" if device == "cuda" else "cpu", linear_kernel=linear_kernel,
         )
         return self.weight_bytes()
 
@@ -75,6 +75,9 @@ class RankWorker:
 
     def weight_bytes(self) -> int:
         return self.runner.model.weight_bytes()
+
+    def kernel_report(self) -> dict[str, str]:
+        return dict(self.runner.model.kernel_report)
 
     def node_id(self) -> str:
         import ray

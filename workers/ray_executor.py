@@ -47,6 +47,7 @@ class RayExecutor:
         placement: PlacementSpec,
         device: str = "cpu",
         expert_parallel: bool = False,
+        linear_kernel: str = "auto",
         start_timeout_s: float = 300.0,
         step_timeout_s: float = 600.0,
     ):
@@ -86,7 +87,8 @@ class RayExecutor:
             self._wait_all([w.init_communicator.remote(backend, rendezvous, start_timeout_s) for w in self.workers],
                            start_timeout_s)
             self.rank_weight_bytes = self._wait_all(
-                [w.load.remote(model_path, config, dtype, cache, device, expert_parallel) for w in self.workers],
+                [w.load.remote(model_path, config, dtype, cache, device, expert_parallel, linear_kernel)
+                 for w in self.workers],
                 start_timeout_s,
             )
         except BaseException:
@@ -114,6 +116,9 @@ class RayExecutor:
     def logits(self, step: StepInput):
         """Full logits from rank 0 (every rank runs the forward)."""
         return self._wait_all([w.logits.remote(step) for w in self.workers], self.step_timeout_s)[0]
+
+    def kernel_report(self) -> dict[str, str]:
+        return self._wait_all([self.workers[0].kernel_report.remote()], 30.0)[0]
 
     def node_ids(self) -> list[str]:
         return ray.get([w.node_id.remote() for w in self.workers])

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mixserve.kernels.linear import pack_weight
+from mixserve.kernels.linear import linear_kernels_for, pack_weight
 from mixserve.kernels.moe import grouped_experts, route
 
 D, I, E, TOP_K = 32, 48, 8, 2  # hidden, expert intermediate, experts, experts per token
@@ -46,9 +46,9 @@ def _naive_moe(x, weights, experts, w1, w3, w2):
     return out
 
 
-def _grouped(x, weights, experts, w1, w3, w2, i_slice=slice(None)):
-    w13 = [pack_weight(torch.cat([w1[e][i_slice], w3[e][i_slice]])) for e in range(E)]
-    w2p = [pack_weight(w2[e][:, i_slice].contiguous()) for e in range(E)]
+def _grouped(x, weights, experts, w1, w3, w2, i_slice=slice(None), kernel="reference"):
+    w13 = [pack_weight(torch.cat([w1[e][i_slice], w3[e][i_slice]]), kernel) for e in range(E)]
+    w2p = [pack_weight(w2[e][:, i_slice].contiguous(), kernel) for e in range(E)]
     return grouped_experts(x, weights, experts, w13, w2p)
 
 
@@ -71,22 +71,24 @@ def test_route_weights_sum_to_one_in_float32_for_bfloat16_logits():
     torch.testing.assert_close(weights, ref_w)
 
 
+@pytest.mark.parametrize("kernel", linear_kernels_for(torch.float32, "cpu"))
 @pytest.mark.parametrize("num_tokens", [1, 2, 13])
-def test_grouped_experts_matches_per_token_loop_float32(num_tokens):
+def test_grouped_experts_matches_per_token_loop_float32(num_tokens, kernel):
     w1, w3, w2 = _expert_weights(torch.float32)
     x = torch.randn(num_tokens, D, generator=_gen(3))
     weights, experts = route(torch.randn(num_tokens, E, generator=_gen(4)), TOP_K)
-    out = _grouped(x, weights, experts, w1, w3, w2)
+    out = _grouped(x, weights, experts, w1, w3, w2, kernel=kernel)
     assert out.dtype == torch.float32 and out.shape == (num_tokens, D)
     torch.testing.assert_close(out, _naive_moe(x, weights, experts, w1, w3, w2), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", linear_kernels_for(torch.bfloat16, "cpu"))
 @pytest.mark.parametrize("num_tokens", [1, 9])
-def test_grouped_experts_matches_per_token_loop_bfloat16(num_tokens):
+def test_grouped_experts_matches_per_token_loop_bfloat16(num_tokens, kernel):
     w1, w3, w2 = _expert_weights(torch.bfloat16)
     x = torch.randn(num_tokens, D, generator=_gen(5)).bfloat16()
     weights, experts = route(torch.randn(num_tokens, E, generator=_gen(6)), TOP_K)
-    out = _grouped(x, weights, experts, w1, w3, w2)
+    out = _grouped(x, weights, experts, w1, w3, w2, kernel=kernel)
     assert out.dtype == torch.bfloat16
     ref = _naive_moe(x, weights, experts, w1, w3, w2)
     torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
