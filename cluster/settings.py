@@ -16,7 +16,11 @@ class ServeSettings(BaseModel):
     # model
     model: str | None = Field(None, description="checkpoint folder; None = the embedded demo model")
     served_model_name: str | None = Field(None, description="name clients send as `model` (default: folder name)")
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="auto: the checkpoint's dtype, or float32 for a 16-bit checkpoint on a CPU without "
+        "native bf16 math when it fits in memory")
+    linear_kernel: Literal["auto", "reference", "onednn"] = Field(
+        "auto", description="auto: the fastest kernel this machine runs, timed per weight shape at load")
     device: Literal["cpu", "cuda"] = "cpu"
     # engine, per replica
     tensor_parallel_size: int = Field(1, ge=1)
@@ -77,7 +81,7 @@ class ServeSettings(BaseModel):
         if self.rank_gpus:
             rank_bundle["GPU"] = self.rank_gpus
         return dict(
-            model=model_path, dtype=self.dtype, block_size=self.block_size, kv_cache_bytes=self.kv_cache_bytes,
+            model=model_path, dtype=self.dtype, linear_kernel=self.linear_kernel, block_size=self.block_size, kv_cache_bytes=self.kv_cache_bytes,
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len, enable_prefix_caching=self.enable_prefix_caching,
             tensor_parallel_size=self.tensor_parallel_size, expert_parallel=self.expert_parallel,

@@ -3,7 +3,7 @@
 The cache of one layer is, per KV head, a flat array of slots: [K, S, Dh] (head-major, so a
 gather of slots yields [K, L, Dh] ready for batched matmuls without a transpose copy). A block of
 the block manager is `block_size` consecutive slots. A step's tokens arrive flattened, decode tokens first (one per
-sequence), then each prefill chunk. The caller (workers/attention_metadata.py) turns block tables
+sequence), then each prefill chunk. The caller (workers/model_inputs.py) turns block tables
 into slot indices and masks once per step; every layer reuses them.
 
 Masks are boolean, True = attend, and already encode causality and the sliding window

@@ -4,6 +4,13 @@ The model is written for one tensor-parallel rank: each linear weight holds that
 (see workers/loader.py), and `all_reduce` sums the partial results, exactly twice per layer
 (after o_proj and after the MLP/MoE combine). With one rank `all_reduce` does nothing, so the
 same code is the single-process model.
+
+Shape legend (kernels/__init__.py's letters, plus this rank's shares):
+    T = tokens in the step, D = hidden size, Dh = head dim, V = vocabulary, E = experts,
+    Hr = query heads on this rank (H / world size), Kr = KV heads on this rank (K / world size),
+    Ir = expert (or MLP) intermediate size on this rank (I / world size; all of I under expert
+    parallelism), R = rows whose logits are wanted, P = positions in the rotary table
+    (max_position_embeddings), S = cache slots.
 """
 
 from collections.abc import Callable
@@ -120,8 +127,8 @@ class MixtralModel:
         kv_cache: torch.Tensor,
         logits_indices: torch.Tensor,
     ) -> torch.Tensor:
-        """input_ids, positions: [T]; kv_cache: [layers, 2, Kr, S, Dh]; logits_indices: [B]
-        (the tokens whose next-token logits are wanted) -> logits [B, V] float32."""
+        """input_ids, positions: [T]; kv_cache: [layers, 2, Kr, S, Dh]; logits_indices: [R]
+        (the tokens whose next-token logits are wanted) -> logits [R, V] float32."""
         eps = self.config.rms_norm_eps
         h = self.embed[input_ids]  # [T, D]
         cos, sin = self.cos[positions], self.sin[positions]  # [T, Dh]
@@ -130,5 +137,5 @@ class MixtralModel:
             h = h + self.all_reduce(layer.attention(x, cos, sin, kv_cache[i, 0], kv_cache[i, 1], meta))
             x = rms_norm(h, layer.post_attention_norm, eps)
             h = h + self.all_reduce(layer.mlp(x))
-        h = rms_norm(h[logits_indices], self.norm, eps)  # [B, D]
+        h = rms_norm(h[logits_indices], self.norm, eps)  # [R, D]
         return linear(h, self.lm_head).float()

@@ -3,6 +3,11 @@
 Token order in the flat batch: all single-token chunks (decodes) first, then multi-token chunks
 (prefills). Cache slot of position p of a sequence = block_table[p // block_size] * block_size
 + p % block_size. A query at position p attends to keys at positions max(0, p-W+1) .. p.
+
+Shape legend: T = tokens in the step, R = rows whose logits are computed (sampled rows and
+prompt-logprob rows), Bd = decode sequences (single-token chunks), NB = the longest block table
+among them (blocks), L = keys attended to (the longest decode context, or a prefill chunk's keys),
+n = tokens of one chunk.
 """
 
 from dataclasses import dataclass
