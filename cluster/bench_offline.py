@@ -1,10 +1,15 @@
 """`mixserve bench offline`: offline generation throughput, optionally against transformers.
 
 Workload: `num_prompts` prompts of `input_len` random token ids (seeded), `output_len` new tokens
-each, greedy, EOS ignored, all submitted at once. The figure is output tokens / wall time of the
-whole run (prefill included), after a short warm-up. With `--compare-transformers` the same
-prompts go through transformers' batched `generate` in the same process, so the ratio is taken
-on one machine in one run (the machine is shared and noisy; absolute numbers drift).
+each, greedy, EOS ignored. Two figures, both output tokens / wall time (prefill included), after a
+short warm-up, on one engine:
+- batch: all prompts submitted at once;
+- one at a time (`one_at_a_time` > 0): the first `one_at_a_time` prompts, each generated alone,
+  one after another (a single user's speed).
+With `--compare-transformers` the same prompts go through transformers' batched `generate` in the
+same process, so the ratio is taken on one machine in one run (the machine is shared and noisy;
+absolute numbers drift). Every summary carries the CPU (kernels/capability.py) and the engine's
+kernel report (dtype and why, each linear shape's kernel), since the figures depend on both.
 """
 
 import json
@@ -28,30 +33,48 @@ class OfflineWorkload:
                 for _ in range(self.num_prompts)]
 
 
-def bench_mixserve(model: str, workload: OfflineWorkload, dtype: str, max_num_batched_tokens: int = 2048) -> dict:
+def _figure(tokens: int, total: float, **extra) -> dict:
+    return {"total_s": round(total, 3), "output_tokens": tokens, "output_tokens_per_s": round(tokens / total, 1),
+            **extra}
+
+
+def bench_mixserve(model: str, workload: OfflineWorkload, dtype: str = "auto", linear_kernel: str = "auto",
+                   one_at_a_time: int = 0, max_num_batched_tokens: int = 2048) -> dict:
+    """The batch figure, and under "one_at_a_time" the sequential one when asked for; "dtype" is
+    the dtype the engine computes in (auto resolved), "kernels" its kernel report."""
     from mixserve.workers.engine import LLMEngine
     from mixserve.workers.engine_config import EngineConfig
     from mixserve.workers.sampling_params import SamplingParams
 
     per_seq = workload.input_len + workload.output_len
     engine = LLMEngine(EngineConfig(
-        model=model, dtype=dtype, max_num_seqs=max(workload.num_prompts, 1),
+        model=model, dtype=dtype, linear_kernel=linear_kernel, max_num_seqs=max(workload.num_prompts, 1),
         max_num_batched_tokens=max_num_batched_tokens,
         kv_cache_bytes=max(64 << 20, 2 * per_seq * workload.num_prompts * 16 << 10),
         enable_prefix_caching=False,
     ))
-    prompts = workload.prompts(engine.model_config.vocab_size)
-    params = SamplingParams(temperature=0, max_tokens=workload.output_len, ignore_eos=True)
-    engine.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
-    start = time.perf_counter()
-    results = engine.generate(prompts, params)
-    total = time.perf_counter() - start
-    tokens = sum(len(r.outputs[0].token_ids) for r in results)
-    return {"engine": "mixserve", "total_s": round(total, 3), "output_tokens": tokens,
-            "output_tokens_per_s": round(tokens / total, 1), "steps": engine.stats.steps}
+    try:
+        prompts = workload.prompts(engine.model_config.vocab_size)
+        params = SamplingParams(temperature=0, max_tokens=workload.output_len, ignore_eos=True)
+        engine.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
+        start = time.perf_counter()
+        results = engine.generate(prompts, params)
+        total = time.perf_counter() - start
+        result = {"engine": "mixserve", "dtype": engine.dtype_choice.name, "linear_kernel": linear_kernel,
+                  **_figure(sum(len(r.outputs[0].token_ids) for r in results), total), "steps": engine.stats.steps}
+        if one_at_a_time > 0:
+            alone = prompts[:one_at_a_time]
+            start = time.perf_counter()
+            tokens = sum(len(engine.generate([p], params)[0].outputs[0].token_ids) for p in alone)
+            result["one_at_a_time"] = _figure(tokens, time.perf_counter() - start, prompts=len(alone))
+        result["kernels"] = engine.kernel_report()
+        return result
+    finally:
+        engine.shutdown()
 
 
-def bench_transformers(model: str, workload: OfflineWorkload, dtype: str, experts_implementation: str = "eager") -> dict:
+def bench_transformers(model: str, workload: OfflineWorkload, dtype: str,
+                       experts_implementation: str = "eager") -> dict:
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": getattr(torch, dtype)}
@@ -66,21 +89,32 @@ def bench_transformers(model: str, workload: OfflineWorkload, dtype: str, expert
         out = hf.generate(prompts, max_new_tokens=workload.output_len, min_new_tokens=workload.output_len, **gen)
         total = time.perf_counter() - start
     tokens = (out.shape[1] - prompts.shape[1]) * out.shape[0]
-    return {"engine": f"transformers generate (experts {experts_implementation or 'default'})",
-            "total_s": round(total, 3), "output_tokens": int(tokens), "output_tokens_per_s": round(tokens / total, 1)}
+    return {"engine": f"transformers generate (experts {experts_implementation or 'default'})", "dtype": dtype,
+            **_figure(int(tokens), total)}
 
 
-def run_offline_bench(model: str, workload: OfflineWorkload, dtype: str, compare_transformers: bool) -> dict:
-    """Run the benchmark(s), print a line per engine, and return the summary (printed last as JSON)."""
+def run_offline_bench(model: str, workload: OfflineWorkload, dtype: str = "auto", compare_transformers: bool = False,
+                      linear_kernel: str = "auto", one_at_a_time: int = 0) -> dict:
+    """Run the benchmark(s), print the CPU and a line per figure, and return the summary (printed
+    last as JSON)."""
+    from mixserve.kernels.capability import cpu_capability
+
+    cpu = cpu_capability()
+    print(f"cpu: {cpu.line()}", flush=True)
     load_before = os.getloadavg()[0]
-    ours = bench_mixserve(model, workload, dtype)
-    print(f"mixserve: {ours['output_tokens_per_s']} output tok/s ({ours['total_s']} s)", flush=True)
-    summary = {**ours, "num_prompts": workload.num_prompts, "input_len": workload.input_len,
-               "output_len": workload.output_len, "dtype": dtype, "threads": torch.get_num_threads(),
-               "load_avg_1m_before": round(load_before, 2)}
+    ours = bench_mixserve(model, workload, dtype, linear_kernel, one_at_a_time)
+    print(f"mixserve ({ours['dtype']}): {ours['output_tokens_per_s']} output tok/s ({ours['total_s']} s)", flush=True)
+    if "one_at_a_time" in ours:
+        alone = ours["one_at_a_time"]
+        print(f"mixserve ({ours['dtype']}), {alone['prompts']} prompts one at a time: "
+              f"{alone['output_tokens_per_s']} output tok/s ({alone['total_s']} s)", flush=True)
+    summary = {**ours, "dtype_requested": dtype, "num_prompts": workload.num_prompts,
+               "input_len": workload.input_len, "output_len": workload.output_len,
+               "threads": torch.get_num_threads(), "cpu": cpu.summary(), "load_avg_1m_before": round(load_before, 2)}
     if compare_transformers:
-        ref = bench_transformers(model, workload, dtype)
-        print(f"{ref['engine']}: {ref['output_tokens_per_s']} output tok/s ({ref['total_s']} s)", flush=True)
+        ref = bench_transformers(model, workload, ours["dtype"])
+        print(f"{ref['engine']} ({ref['dtype']}): {ref['output_tokens_per_s']} output tok/s ({ref['total_s']} s)",
+              flush=True)
         summary["transformers_output_tokens_per_s"] = ref["output_tokens_per_s"]
         summary["speedup_vs_transformers"] = round(ours["output_tokens_per_s"] / ref["output_tokens_per_s"], 2)
     summary["load_avg_1m_after"] = round(os.getloadavg()[0], 2)

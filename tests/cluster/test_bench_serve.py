@@ -6,8 +6,9 @@ import os
 
 import pytest
 
-from mixserve.cluster.bench_compare import CompareSizes, prefix_kv_bytes
+from mixserve.cluster.bench_compare import CompareSizes, Row, _run_plan, prefix_kv_bytes
 from mixserve.cluster.bench_report import render_report
+from mixserve.cluster.bench_vllm_client import client_args, summarize_result
 from mixserve.cluster.bench_workloads import build_workload
 from mixserve.cluster.cli import main
 from mixserve.workers.tokenizer import Tokenizer
@@ -65,6 +66,25 @@ class TestAgainstATinyServer:
         assert s["prefix_cache_hit_rate"] == pytest.approx(s["ideal_prefix_hit_rate"])
         assert s["server_prefix_cache"]["hits"] == s["cached_tokens"]
 
+    def test_the_request_vllm_bench_serve_sends_streams_to_done_with_usage_last(self, server):
+        """The body of `vllm bench serve --backend openai --dataset-name random --ignore-eos --temperature 0`
+        (vllm/benchmarks/lib/endpoint_request_func.py): a text prompt, fields we do not use, and vLLM's
+        reading of the stream, which takes usage only from a chunk without choices."""
+        import httpx
+
+        model = httpx.get(server + "/v1/models").json()["data"][0]["id"]
+        body = {"model": model, "prompt": "the quick brown fox jumps", "repetition_penalty": 1.0, "max_tokens": 5,
+                "logprobs": None, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True,
+                "temperature": 0.0}
+        with httpx.stream("POST", server + "/v1/completions", json=body, headers={"x-request-id": "bench-0"},
+                          timeout=60) as r:
+            assert r.status_code == 200
+            events = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
+        assert all(c["choices"] and "text" in c["choices"][0] for c in chunks[:-1])
+
     def test_rejected_requests_are_counted_not_fatal(self, server, tiny_checkpoint, tmp_path):
         code = main(["bench", "serve", "--url", server, "--tokenizer", str(tiny_checkpoint), "--workload", "random",
                      "--concurrency", "2", "--num-prompts", "3", "--input-len", "600", "--out", str(tmp_path),
@@ -102,23 +122,107 @@ def test_compare_quick_runs_every_mixserve_stage(tmp_path):
     assert main(["bench", "compare", "--quick", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "compare.json").read_text())
     assert all("result" in s for s in result["stages"] if "skipped" not in s)
-    assert (tmp_path / "compare.md").read_text().startswith("| configuration")
+    offline = [s for s in result["stages"] if s["stage"] == "offline"]
+    assert sorted((s["dtype"], s["mode"]) for s in offline) == [
+        ("bfloat16", "offline"), ("bfloat16", "one-at-a-time"), ("float32", "offline"), ("float32", "one-at-a-time")]
+    assert all(s["result"]["kernels"]["linear_kernels"] for s in offline)
+    served = [s for s in result["stages"] if s.get("mode") == "served" and "result" in s]
+    assert served and all(s["result"]["kernels"] and s["result"]["cpu"] for s in served)
+    assert set(result["cpu"]["flags"]) >= {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}
+    assert result["best_dtypes"]["mixserve"]["best"] in ("float32", "bfloat16")
+    assert {s["stage"] for s in result["stages"] if "skipped" in s} == {"transformers", "vllm", "vllm-client"}
+    markdown = (tmp_path / "compare.md").read_text()
+    assert markdown.startswith("CPU: ") and "\n| configuration |" in markdown
 
 
-def test_report_checks_offline_against_each_peers_offline_run():
-    def offline(stage, label, tok_s):
-        return {"stage": stage, "label": label, "result": {"output_tokens_per_s": tok_s, "load_avg_before": [1.0],
-                                                          "load_avg_after": [1.1]}}
+def _entry(stage, label, tok_s=None, failed=None, **tags):
+    entry = {"stage": stage, "label": label, **tags}
+    if failed:
+        entry["failed"] = failed
+    else:
+        entry["result"] = {"output_tokens_per_s": tok_s, "load_avg_before": [1.0], "load_avg_after": [1.1]}
+    return entry
 
-    stages = [offline("offline", "mixserve offline", 150.0), offline("transformers", "transformers generate", 100.0),
-              offline("vllm", "vLLM CPU build offline (LLM.generate)", 200.0),
-              {"stage": "vllm", "label": "vLLM CPU build served", "failed": "RuntimeError: boom"}]
-    report = render_report(stages, CompareSizes(), 1 << 20, 8 << 10, 0.8)
+
+def test_report_compares_each_engines_best_dtype_and_one_prompt_at_a_time():
+    stages = [
+        _entry("offline", "mixserve offline, float32", 100.0, engine="mixserve", mode="offline", dtype="float32"),
+        _entry("offline", "mixserve 1 at a time, float32", 20.0, engine="mixserve", mode="one-at-a-time",
+               dtype="float32"),
+        _entry("offline", "mixserve offline, bfloat16", 150.0, engine="mixserve", mode="offline", dtype="bfloat16"),
+        _entry("transformers", "transformers generate", 100.0, engine="transformers", mode="offline",
+               dtype="bfloat16"),
+        _entry("vllm", "vLLM offline, float32", 200.0, engine="vllm", mode="offline", dtype="float32"),
+        _entry("vllm", "vLLM 1 at a time, float32", 25.0, engine="vllm", mode="one-at-a-time", dtype="float32"),
+        _entry("vllm", "vLLM offline, bfloat16", 120.0, engine="vllm", mode="offline", dtype="bfloat16"),
+        _entry("vllm", "vLLM CPU build served", failed="RuntimeError: boom", engine="vllm", mode="served",
+               dtype="bfloat16", client="mixserve"),
+    ]
+    report = render_report(stages, CompareSizes(), 1 << 20, 8 << 10, 0.8, "AMD EPYC | torch ISA AVX2 | avx2")
     targets = report["targets"]
-    assert targets["offline_over_transformers"]["value"] == pytest.approx(1.5)
+    best = report["best_dtypes"]
+    assert best["mixserve"]["best"] == "bfloat16" and best["vllm"]["best"] == "float32"
+    assert targets["offline_over_transformers"]["value"] == pytest.approx(1.5)  # the same dtype: bfloat16
     assert targets["offline_over_transformers"]["met"]
-    assert targets["offline_over_vllm_offline"]["value"] == pytest.approx(0.75)
-    assert not targets["offline_over_vllm_offline"]["met"]
-    assert "offline_over_vllm_offline: 0.75 (target >= 1.0) - NOT met" in report["markdown"]
-    assert "| vLLM CPU build offline (LLM.generate) | random | 200.0 | 1.33x offline |" in report["markdown"]
-    assert "RuntimeError: boom" in report["markdown"]
+    assert targets["offline_best_over_vllm_best"]["value"] == pytest.approx(0.75)
+    assert not targets["offline_best_over_vllm_best"]["met"]
+    assert targets["one_at_a_time_over_vllm"]["value"] == pytest.approx(0.8)
+    markdown = report["markdown"]
+    assert markdown.startswith("CPU: AMD EPYC | torch ISA AVX2 | avx2\n")
+    assert "offline_best_over_vllm_best: 0.75 (target >= 1.0) - NOT met" in markdown
+    assert "| vLLM offline, float32 | random | float32 | 200.0 | 1.33x mixserve offline best |" in markdown
+    assert "| vLLM 1 at a time, float32 | random | float32 | 25.0 | 1.25x mixserve 1-at-a-time best |" in markdown
+    assert "- vllm best dtype offline: float32 (tok/s: float32 200.0, bfloat16 120.0; one at a time: float32 25.0)" \
+        in markdown
+    assert "RuntimeError: boom" in markdown
+
+
+def test_vllm_clients_saved_result_is_a_row_of_its_own_against_the_same_client_on_mixserve():
+    def saved(tok_s, failed=0):
+        return {"completed": 32 - failed, "failed": failed, "duration": 40.0, "output_throughput": tok_s,
+                "request_throughput": 0.8, "mean_ttft_ms": 15000.0, "p99_ttft_ms": 20000.0, "mean_itl_ms": 340.0,
+                "median_e2el_ms": 36000.0, "ttfts": [0.1] * 32, "itls": [[0.3]] * 32,
+                "errors": ["Traceback ...\nClientConnectorError: refused"] * failed + [""] * (32 - failed)}
+
+    mixserve = summarize_result(saved(25.9, failed=2))
+    assert "ttfts" not in mixserve and "errors" not in mixserve
+    assert mixserve["error_messages"] == [("ClientConnectorError: refused", 2)]
+    load = {"load_avg_before": [1.0], "load_avg_after": [1.2]}
+    stages = [{"stage": "vllm-client", "label": "mixserve served (vLLM's client)", "engine": "mixserve",
+               "mode": "served", "dtype": "float32", "client": "vllm", "baseline": True,
+               "result": {**mixserve, **load}},
+              {"stage": "vllm-client", "label": "vLLM served (vLLM's client)", "engine": "vllm", "mode": "served",
+               "dtype": "float32", "client": "vllm", "result": {**summarize_result(saved(56.1)), **load}}]
+    report = render_report(stages, CompareSizes(), 1 << 20, 8 << 10, None)
+    row = report["rows"][0]
+    assert (row["tok_s"], row["ttft_mean_ms"], row["itl_mean_ms"], row["e2e_p50_s"]) == (25.9, 15000.0, 340.0, 36.0)
+    assert row["status"] == "2 of 32 requests failed: ClientConnectorError: refused"
+    assert report["targets"]["served_over_vllm_served_vllm_client"]["value"] == pytest.approx(25.9 / 56.1)
+    assert "| vLLM served (vLLM's client) | random | float32 | 56.1 | 2.17x 1 replica |" in report["markdown"]
+
+
+def test_vllm_client_runs_the_random_workload_greedy_closed_loop_and_saves_every_request():
+    args = client_args("http://127.0.0.1:8000", "peer", "/models/mini", 128, 64, 32, 32, 0, "/out", "x.json")
+    pairs = dict(zip(args, args[1:]))
+    assert pairs["--backend"] == "openai" and pairs["--endpoint"] == "/v1/completions"
+    assert pairs["--dataset-name"] == "random" and pairs["--random-input-len"] == "128"
+    assert pairs["--random-output-len"] == "64" and pairs["--num-prompts"] == "32"
+    assert pairs["--max-concurrency"] == "32" and pairs["--temperature"] == "0"
+    assert {"--ignore-eos", "--save-result", "--save-detailed"} <= set(args)
+
+
+def test_a_row_is_skipped_when_a_stage_it_needs_is_skipped_and_fails_alone():
+    def two(wanted):
+        return [{"output_tokens_per_s": 1.0}, RuntimeError("client broke") if wanted[1] else None]
+
+    def broken(wanted):
+        raise ValueError("no server")
+
+    plan = [([Row("served", "ours"), Row("vllm-client", "theirs", ("served",))], two),
+            ([Row("vllm", "peer"), Row("vllm-client", "peer, theirs", ("vllm",))], broken)]
+    entries = _run_plan(plan, skip={"vllm"})
+    assert [sorted(k for k in ("result", "failed", "skipped") if k in e) for e in entries] == [
+        ["result"], ["failed"], ["skipped"], ["skipped"]]
+    assert entries[1]["failed"] == "RuntimeError: client broke"
+    entries = _run_plan(plan, skip={"served"})
+    assert [e["failed"] for e in entries[2:]] == ["ValueError: no server"] * 2 and "skipped" in entries[1]
