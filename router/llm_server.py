@@ -85,6 +85,10 @@ class LLMServer:
             complete=len(hashes) == len(cached),
         ).to_dict()
 
+    def kernel_report(self) -> dict:
+        """The CPU, dtype and linear kernels this replica's engine runs with (workers/engine.py)."""
+        return self.engine.engine.kernel_report()
+
     async def stats(self) -> dict:
         return {"load": self.load(), "engine": self.engine.engine.stats}
 

@@ -1,24 +1,27 @@
-"""Drive an LLMEngine from asyncio: one background thread steps the engine, callers await
-per-request streams of RequestOutput.
+"""Drive an LLMEngine from asyncio: one engine thread steps the engine in a loop of its own,
+callers await per-request streams of RequestOutput.
 
-Every engine call runs on that single thread (the engine is not thread-safe). A reader that falls
-behind gets the reports it missed folded into one (deltas concatenated), so a slow consumer costs one
-item per read instead of one per step. A stream that is
-closed or cancelled before its request finished aborts the request, freeing its KV blocks at
-the start of the next step. If a step raises, every open stream gets the error and the engine
-reports itself unhealthy from then on.
+The engine thread owns the engine (it is not thread-safe): requests, aborts and other calls reach
+it through an inbox it drains before each step. It never waits for the event loop: a step's reports
+are handed to the loop with `call_soon_threadsafe` and the next step starts at once, so the loop's
+work on step N's outputs (chunks, serialization, sockets) overlaps step N+1's compute instead of
+adding to it. A reader that falls behind gets the reports it missed folded into one (deltas
+concatenated), so a slow consumer costs one item per read instead of one per step. A stream that is
+closed or cancelled before its request finished aborts the request, freeing its KV blocks before
+the next step. If a step raises, every open stream gets the error and the engine reports itself
+unhealthy from then on (the thread keeps answering calls, and never steps again).
 """
 
 import asyncio
+import concurrent.futures
+import queue
 import threading
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from itertools import count
 
 from .engine import LLMEngine
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
-
 
 def fold_reports(earlier: RequestOutput, later: RequestOutput | BaseException) -> RequestOutput | BaseException:
     """Fold an unread report into the next one: the later report's state, both reports' deltas."""
@@ -37,14 +40,16 @@ class EngineDeadError(RuntimeError):
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mixserve-engine")
-        self._streams: dict[str, asyncio.Queue] = {}
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # (fn, concurrent Future) run on the engine thread
         self._aborts: set[str] = set()
         self._aborts_lock = threading.Lock()
-        self._wakeup: asyncio.Event | None = None
-        self._loop_task: asyncio.Task | None = None
+        self._wake = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._error: BaseException | None = None
+        self._stopped = False
         self._ids = count()
+        self._thread = threading.Thread(target=self._engine_loop, name="mixserve-engine", daemon=True)
+        self._thread.start()
 
     @property
     def is_healthy(self) -> bool:
@@ -61,8 +66,11 @@ class AsyncLLMEngine:
             raise EngineDeadError(f"engine failed: {self._error!r}") from self._error
 
     async def call(self, fn, *args):
-        """Run fn(*args) on the engine thread (for stats or other engine reads)."""
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+        """Run fn(*args) on the engine thread, between steps (for stats or other engine reads)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put((lambda: fn(*args), future))
+        self._wake.set()
+        return await asyncio.wrap_future(future)
 
     async def generate(
         self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
@@ -72,16 +80,15 @@ class AsyncLLMEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        queue: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = queue
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), stream)
         finished = False
         try:
             await self.call(self.engine.add_request, request_id, prompt, params)
-            self._start_loop()
             while not finished:
-                item = await queue.get()
-                while not isinstance(item, BaseException) and not item.finished and not queue.empty():
-                    item = fold_reports(item, queue.get_nowait())  # the reader fell behind: one item
+                item = await stream.get()
+                while not isinstance(item, BaseException) and not item.finished and not stream.empty():
+                    item = fold_reports(item, stream.get_nowait())  # the reader fell behind: one item
                 if isinstance(item, BaseException):
                     raise EngineDeadError(f"engine failed: {item!r}") from item
                 finished = item.finished
@@ -95,43 +102,73 @@ class AsyncLLMEngine:
         """Abort a request from any thread; takes effect before the next step."""
         with self._aborts_lock:
             self._aborts.add(request_id)
-        if self._wakeup is not None and self._loop_task is not None:
-            self._loop_task.get_loop().call_soon_threadsafe(self._wakeup.set)
+        self._wake.set()
 
-    def _step(self):
-        with self._aborts_lock:
-            aborts, self._aborts = self._aborts, set()
-        for request_id in aborts:
-            self.engine.abort_request(request_id)
-        return self.engine.step()
+    # ---- the engine thread ------------------------------------------------------------------
 
-    def _start_loop(self) -> None:
-        if self._wakeup is None:
-            self._wakeup = asyncio.Event()
-        if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.get_running_loop().create_task(self._run())
-        self._wakeup.set()
-
-    async def _run(self) -> None:
-        while self._error is None:
-            if not self.engine.has_unfinished_requests() and not self._aborts:
-                self._wakeup.clear()
-                await self._wakeup.wait()
+    def _engine_loop(self) -> None:
+        while not self._stopped:
+            self._wake.clear()
+            self._run_inbox()
+            with self._aborts_lock:
+                aborts, self._aborts = self._aborts, set()
+            for request_id in aborts:
+                self.engine.abort_request(request_id)
+            if self._error is not None or not self.engine.has_unfinished_requests():
+                if self._inbox.empty():
+                    self._wake.wait()
                 continue
             try:
-                outputs = await self.call(self._step)
+                outputs = self.engine.step()
             except BaseException as exc:  # a dead rank, a bug: fail every stream, never hang
                 self._error = exc
-                for queue in self._streams.values():
-                    queue.put_nowait(exc)
+                self._deliver_everywhere(exc)
+                continue
+            self._deliver(outputs)
+
+    def _run_inbox(self) -> None:
+        while True:
+            try:
+                fn, future = self._inbox.get_nowait()
+            except queue.Empty:
                 return
-            for out in outputs:
-                queue = self._streams.get(out.request_id)
-                if queue is not None:
-                    queue.put_nowait(out)
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:
+                    future.set_exception(exc)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hand each report to its stream's event loop (one callback per loop and step)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for out in outputs:
+            entry = self._streams.get(out.request_id)
+            if entry is not None:
+                by_loop.setdefault(entry[0], []).append((entry[1], out))
+        for loop, items in by_loop.items():
+            self._post(loop, items)
+
+    def _deliver_everywhere(self, exc: BaseException) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for loop, stream in list(self._streams.values()):
+            by_loop.setdefault(loop, []).append((stream, exc))
+        for loop, items in by_loop.items():
+            self._post(loop, items)
+
+    @staticmethod
+    def _post(loop: asyncio.AbstractEventLoop, items: list) -> None:
+        def put_all():
+            for stream, item in items:
+                stream.put_nowait(item)
+
+        try:
+            loop.call_soon_threadsafe(put_all)
+        except RuntimeError:  # that loop has closed: its streams are gone
+            pass
 
     def shutdown(self) -> None:
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-        self._thread.shutdown(wait=True)
+        self._stopped = True
+        self._wake.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
         self.engine.shutdown()
