@@ -62,6 +62,13 @@ def run_serve(settings: ServeSettings) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     url = start_serve(settings)
+    try:
+        from mixserve.workers.engine import describe_kernels
+
+        report = serve.get_deployment_handle("LLMServer", APP_NAME).kernel_report.remote().result(timeout_s=60)
+        print(f"engine: {describe_kernels(report)}", flush=True)
+    except Exception as exc:  # the report is informative only; serving goes on
+        print(f"engine: kernel report unavailable ({type(exc).__name__}: {exc})", flush=True)
     print(f"mixserve is serving on {url} (OpenAI API under /v1; Ctrl-C stops)", flush=True)
     stop.wait()
     print("shutting down", flush=True)

@@ -8,13 +8,14 @@ fails (a rank died), `check_health` raises and Serve replaces the replica.
 """
 
 import asyncio
+import logging
 
 import torch
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
 from ..workers.async_engine import AsyncLLMEngine, fold_reports
-from ..workers.engine import LLMEngine
+from ..workers.engine import LLMEngine, describe_kernels
 from ..workers.engine_config import EngineConfig
 from ..workers.outputs import RequestOutput
 from ..workers.sampling_params import SamplingParams
@@ -27,6 +28,7 @@ class LLMServer:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.engine = AsyncLLMEngine(LLMEngine(EngineConfig(**engine_kwargs)))
+        logging.getLogger("ray.serve").info("engine kernels: %s", describe_kernels(self.engine.engine.kernel_report()))
         try:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
         except RayServeException:  # constructed outside Serve (in-process use, tests)

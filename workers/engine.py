@@ -42,6 +42,15 @@ class EngineStats:
     finished_requests: int = 0
 
 
+def describe_kernels(report: dict) -> str:
+    """One line of LLMEngine.kernel_report(): CPU, dtype and why, kernel per linear shape."""
+    cpu = report["cpu"]
+    flags = " ".join(name for name, present in cpu["flags"].items() if present) or "no vector flags"
+    linear = ", ".join(f"{shape}: {kernel.split(' (')[0]}" for shape, kernel in report["linear_kernels"].items())
+    return (f"{cpu['model_name']} (torch ISA {cpu['isa']}; {flags}) | dtype {report['dtype']}: "
+            f"{report['dtype_reason']} | linear {linear or '-'}")
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, executor: Executor | None = None):
         self.config = config
