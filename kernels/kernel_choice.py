@@ -5,9 +5,11 @@ Rule:
    machine (kernels/linear.py `linear_kernels_for`, from kernels/capability.py); the reference is
    always one. A single candidate is taken without timing.
 2. Otherwise each candidate is timed on the weight's own shape at the row counts of the step it
-   serves (`rows`: 1, 8 and 32 by default - one sequence, a decode expert's share, a decode batch),
-   median of `repeats` calls after a warm-up, summed over the row counts; the fastest wins. A
-   candidate that raises is dropped (logged), so a kernel that fails here is never chosen.
+   serves (`rows`: 1, 8 and 32 by default - one sequence, a decode expert's share, a decode batch):
+   after a warm-up, `repeats` interleaved rounds call every candidate at every row count; a
+   candidate's time is the sum over row counts of its fastest call (noise from other processes only
+   adds time, and interleaving spreads it over all candidates). The fastest wins. A candidate that
+   raises is dropped (logged), so a kernel that fails here is never chosen.
 3. The choice is remembered per (device, dtype, out, in) for the life of the process: every layer
    of that shape and every engine in the process use the same kernel, so two engines in one
    process compute bit-identical results.
@@ -42,27 +44,31 @@ class Choice:
         return f"{self.kernel} ({others})"
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] * 1e3
-
-
-def _timed_packs(weight: torch.Tensor, candidates: list[str], rows: tuple[int, ...], repeats: int):
-    """Pack `weight` for each candidate in turn and time it; yields (kernel, packed, ms). Only one
-    packed copy exists at a time beside the weight (the caller keeps the fastest)."""
+def _interleaved_timings(weight: torch.Tensor, candidates: list[str], rows: tuple[int, ...], repeats: int):
+    """Pack `weight` for each candidate (the reference is the weight itself; each other candidate one
+    packed copy), then time them in interleaved rounds: round r calls every candidate at every row
+    count once. A candidate's figure is the sum over row counts of its fastest call, so a burst of
+    load from another process slows one round of every candidate instead of one candidate's calls.
+    Returns {kernel: (packed, ms)}."""
     g = torch.Generator(device=weight.device).manual_seed(0)
     inputs = [torch.randn(r, weight.shape[1], generator=g, device=weight.device).to(weight.dtype) for r in rows]
+    packed = {}
     for kernel in candidates:
         try:
-            packed = pack_weight(weight, kernel)
-            yield kernel, packed, sum(_median_ms(lambda x=x: linear(x, packed), repeats) for x in inputs)
+            packed[kernel] = pack_weight(weight, kernel)
+            for x in inputs:  # warm-up, and a kernel that fails here is dropped
+                linear(x, packed[kernel])
         except RuntimeError as exc:  # a kernel this machine cannot run after all
+            packed.pop(kernel, None)
             log.warning("linear kernel %s fails on %s %s: %s", kernel, tuple(weight.shape), weight.dtype, exc)
+    best = {(kernel, i): float("inf") for kernel in packed for i in range(len(inputs))}
+    for _ in range(repeats):
+        for kernel, w in packed.items():
+            for i, x in enumerate(inputs):
+                start = time.perf_counter()
+                linear(x, w)
+                best[kernel, i] = min(best[kernel, i], time.perf_counter() - start)
+    return {kernel: (w, 1e3 * sum(best[kernel, i] for i in range(len(inputs)))) for kernel, w in packed.items()}
 
 
 @dataclass
@@ -91,14 +97,12 @@ class LinearKernelChooser:
         elif key in _CHOSEN or len(candidates) == 1:
             choice = _CHOSEN.setdefault(key, Choice(candidates[0], {}))
         else:
-            timings, best = {}, None
-            for kernel, candidate, ms in _timed_packs(weight, candidates, self.rows, self.repeats):
-                timings[kernel] = ms
-                if best is None or ms < timings[best[0]]:
-                    best = (kernel, candidate)
-                del candidate
-            choice = _CHOSEN[key] = Choice(best[0] if best else "reference", timings)
-            packed = best[1] if best else None
+            timed = _interleaved_timings(weight, candidates, self.rows, self.repeats)
+            timings = {kernel: ms for kernel, (_, ms) in timed.items()}
+            fastest = min(timings, key=timings.get) if timings else "reference"
+            choice = _CHOSEN[key] = Choice(fastest, timings)
+            packed = timed[fastest][0] if timed else None
+            del timed
         if name not in self.report:
             self.report[name] = choice.describe()
             log.info("linear %s: %s", name, self.report[name])
