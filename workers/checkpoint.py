@@ -9,39 +9,19 @@ rows or columns and the whole checkpoint is never in memory at once:
 """
 
 import json
-import re
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from .config import CheckpointError, ModelConfig
-
-# Hugging Face name pattern -> Mistral name template.
-_MISTRAL_NAMES: list[tuple[str, str]] = [
-    (r"model\.embed_tokens\.weight", "tok_embeddings.weight"),
-    (r"model\.norm\.weight", "norm.weight"),
-    (r"lm_head\.weight", "output.weight"),
-    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.attention_norm.weight"),
-    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.ffn_norm.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.weight", r"layers.\1.attention.wq.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", r"layers.\1.attention.wk.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight", r"layers.\1.attention.wv.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", r"layers.\1.attention.wo.weight"),
-    (r"model\.layers\.(\d+)\.block_sparse_moe\.gate\.weight", r"layers.\1.feed_forward.gate.weight"),
-    (r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight", r"layers.\1.feed_forward.experts.\2.\3.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", r"layers.\1.feed_forward.w1.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", r"layers.\1.feed_forward.w3.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", r"layers.\1.feed_forward.w2.weight"),
-]
-_ROTARY_PERMUTED = re.compile(r"model\.layers\.\d+\.self_attn\.([qk])_proj\.weight")
-
+from .tensor_names import ROTARY_PERMUTED, interleaved_to_half, mistral_name
 
 def _mistral_name(hf_name: str) -> str:
-    for pattern, template in _MISTRAL_NAMES:
-        if re.fullmatch(pattern, hf_name):
-            return re.sub(pattern, template, hf_name)
-    raise CheckpointError(f"no Mistral-layout name for tensor {hf_name}")
+    try:
+        return mistral_name(hf_name)
+    except KeyError:
+        raise CheckpointError(f"no Mistral-layout name for tensor {hf_name}") from None
 
 
 def _checkpoint_files(path: Path, layout: str) -> list[Path]:
@@ -99,7 +79,7 @@ class CheckpointReader:
         file = self._where.get(name)
         if file is None:
             raise CheckpointError(f"checkpoint {self.path} is missing tensor {name}")
-        permute = self.config.layout == "mistral" and _ROTARY_PERMUTED.fullmatch(hf_name) is not None
+        permute = self.config.layout == "mistral" and ROTARY_PERMUTED.fullmatch(hf_name) is not None
         first, last, _ = (rows or slice(None)).indices(expected_shape[0])
         row_bytes = max(1, out[0].numel() * out.element_size()) if out.shape[0] else 1
         step = last - first if permute else max(1, _CHUNK_BYTES // row_bytes)
@@ -112,15 +92,18 @@ class CheckpointReader:
                     raise CheckpointError(f"tensor {name} has shape {list(shape)}, expected {list(expected_shape)}")
                 part = lazy[chunk] if cols is None else lazy[chunk, cols]
                 if permute:
-                    part = _interleaved_to_half(part, self.config.head_dim)
+                    part = interleaved_to_half(part, self.config.head_dim)
                 out[chunk.start - first : chunk.stop - first].copy_(part)
 
 
 _CHUNK_BYTES = 16 << 20
 
 
-def _interleaved_to_half(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """weight: [heads*Dh, D] with rotary pairs interleaved -> the same rows in rotate-half order."""
-    rows, dim_in = weight.shape
-    heads = rows // head_dim
-    return weight.view(heads, head_dim // 2, 2, dim_in).transpose(1, 2).reshape(rows, dim_in)
+
+def open_checkpoint(path: str | Path, config: ModelConfig):
+    """The reader for the checkpoint's layout: a GGUF file, or a Hugging Face / Mistral folder."""
+    if config.layout == "gguf":
+        from .gguf_checkpoint import GgufCheckpointReader
+
+        return GgufCheckpointReader(path, config)
+    return CheckpointReader(path, config)

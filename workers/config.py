@@ -1,8 +1,9 @@
 """Model configuration, read from a checkpoint folder.
 
-One dataclass describes both on-disk layouts: Hugging Face `config.json` (model_type mixtral or
-mistral) and Mistral's `params.json` (with an optional `moe` section). A config with no experts is
-a dense Mistral model.
+One dataclass describes every layout: Hugging Face `config.json` (model_type mixtral, mistral or
+llama - Mistral's architecture without the sliding window), Mistral's `params.json` (with an optional
+`moe` section) and a GGUF file's metadata (workers/gguf_checkpoint.py). A config with no experts is
+a dense Mistral/Llama model.
 """
 
 import json
@@ -35,9 +36,10 @@ class ModelConfig:
     num_experts_per_tok: int
     max_position_embeddings: int
     checkpoint_dtype: str
-    layout: str  # "hf" or "mistral"
+    layout: str  # "hf", "mistral" or "gguf"
     bos_token_id: int = 1
     eos_token_id: int = 2
+    tie_word_embeddings: bool = False  # the LM head is the embedding matrix (no lm_head tensor)
 
     @property
     def is_moe(self) -> bool:
@@ -53,10 +55,10 @@ def _dtype_name(value: str | None, default: str) -> str:
 
 def _from_hf(cfg: dict) -> ModelConfig:
     model_type = cfg.get("model_type")
-    if model_type not in ("mixtral", "mistral"):
+    if model_type not in ("mixtral", "mistral", "llama"):
         raise CheckpointError(
-            f"config.json has model_type {model_type!r}; mixserve serves Mixtral and Mistral models "
-            "(model_type 'mixtral' or 'mistral')"
+            f"config.json has model_type {model_type!r}; mixserve serves Mixtral, Mistral and Llama models "
+            "(model_type 'mixtral', 'mistral' or 'llama')"
         )
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
@@ -74,7 +76,7 @@ def _from_hf(cfg: dict) -> ModelConfig:
         head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
         rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta") or 1e6),
-        sliding_window=cfg.get("sliding_window"),
+        sliding_window=cfg.get("sliding_window") if model_type != "llama" else None,
         num_experts=num_experts,
         num_experts_per_tok=int(cfg.get("num_experts_per_tok", 2)) if num_experts else 0,
         max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
@@ -82,6 +84,7 @@ def _from_hf(cfg: dict) -> ModelConfig:
         layout="hf",
         bos_token_id=int(cfg.get("bos_token_id", 1)),
         eos_token_id=int(eos[0] if isinstance(eos, list) else eos),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
     )
 
 
@@ -121,8 +124,13 @@ def _from_mistral(params: dict, path: Path) -> ModelConfig:
 
 
 def load_model_config(path: str | Path) -> ModelConfig:
-    """Read config.json (Hugging Face) or params.json (Mistral) from a checkpoint folder."""
+    """Read config.json (Hugging Face) or params.json (Mistral) from a checkpoint folder, or the
+    metadata of a .gguf file."""
     path = Path(path)
+    if path.suffix == ".gguf" and path.is_file():
+        from .gguf_checkpoint import gguf_model_config
+
+        return gguf_model_config(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder {path} does not exist")
     if (path / "config.json").exists():

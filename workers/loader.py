@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ..kernels.kernel_choice import LinearKernelChooser
 from ..kernels.rotary import rotary_table
-from .checkpoint import CheckpointReader
+from .checkpoint import open_checkpoint
 from .config import CheckpointError, ModelConfig
 from .model import AllReduce, Attention, DecoderLayer, DenseMlp, MixtralModel, SparseMoe, no_all_reduce
 
@@ -75,7 +75,7 @@ def load_model(
     """This rank's model; `linear_kernel` is kernels/kernel_choice.py's mode (its choices end up in
     `model.kernel_report`)."""
     check_shardable(config, shard.world_size, shard.expert_parallel)
-    reader = CheckpointReader(path, config)
+    reader = open_checkpoint(path, config)
     kernels = LinearKernelChooser(linear_kernel)
     pack_weight = kernels.pack
     c = config
@@ -97,7 +97,8 @@ def load_model(
 
     # The LM head first: packing it briefly takes 2-3 copies of it, and that transient must not
     # come on top of every layer already loaded (in small-vocabulary-heavy models it is 25% of all).
-    lm_head = pack_weight(read("lm_head.weight", (c.vocab_size, hidden)))
+    lm_head_name = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
+    lm_head = pack_weight(read(lm_head_name, (c.vocab_size, hidden)))
     _return_freed_memory()
     layers = []
     for i in tqdm(range(c.num_layers), desc="loading layers", disable=not show_progress):

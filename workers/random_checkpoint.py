@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 
 from .config import DTYPES, ModelConfig
 from .presets import get_preset
+from .tensor_names import half_to_interleaved, mistral_name
 from .tokenizer import MISTRAL_INSTRUCT_CHAT_TEMPLATE
 
 LM_HEAD_SCALE = 10.0  # logit std; tiny: median top-1/top-2 gap ~1.6, mean top-1 probability ~0.7
@@ -292,43 +293,6 @@ def write_random_checkpoint(
     return out
 
 
-def hf_to_mistral_name(name: str) -> str:
-    """Mistral's name for a Hugging Face Mixtral/Mistral tensor name."""
-    fixed = {
-        "model.embed_tokens.weight": "tok_embeddings.weight",
-        "model.norm.weight": "norm.weight",
-        "lm_head.weight": "output.weight",
-    }
-    if name in fixed:
-        return fixed[name]
-    _, _, i, rest = name.split(".", 3)  # model.layers.{i}.{rest}
-    renames = {
-        "input_layernorm.weight": "attention_norm.weight",
-        "post_attention_layernorm.weight": "ffn_norm.weight",
-        "self_attn.q_proj.weight": "attention.wq.weight",
-        "self_attn.k_proj.weight": "attention.wk.weight",
-        "self_attn.v_proj.weight": "attention.wv.weight",
-        "self_attn.o_proj.weight": "attention.wo.weight",
-        "block_sparse_moe.gate.weight": "feed_forward.gate.weight",
-        "mlp.gate_proj.weight": "feed_forward.w1.weight",
-        "mlp.down_proj.weight": "feed_forward.w2.weight",
-        "mlp.up_proj.weight": "feed_forward.w3.weight",
-    }
-    if rest in renames:
-        return f"layers.{i}.{renames[rest]}"
-    if rest.startswith("block_sparse_moe.experts."):  # experts.{e}.w{1,2,3}.weight: same names
-        return f"layers.{i}.feed_forward.{rest.removeprefix('block_sparse_moe.')}"
-    raise ValueError(f"no Mistral name for tensor {name!r}")
-
-
-def to_interleaved_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Inverse of transformers' conversion permute (Mistral's interleaved rotary pairs -> rotate-half):
-    HF rows of each head are [x_0..x_{d/2-1}, y_0..y_{d/2-1}]; Mistral's are [x_0, y_0, x_1, y_1, ...]."""
-    out_features, dim_in = w.shape  # [n_heads * head_dim, dim_in]
-    head_dim = out_features // n_heads
-    return w.view(n_heads, 2, head_dim // 2, dim_in).transpose(1, 2).reshape(out_features, dim_in)
-
-
 def write_mistral_layout(hf_dir: str | Path, out_dir: str | Path) -> Path:
     """Convert a Hugging Face-layout Mixtral/Mistral checkpoint (as written above) into Mistral's
     layout: params.json, consolidated.safetensors (q/k rows in interleaved rotary order) and
@@ -363,10 +327,10 @@ def write_mistral_layout(hf_dir: str | Path, out_dir: str | Path) -> Path:
             for name in f.keys():
                 w = f.get_tensor(name)
                 if name.endswith("self_attn.q_proj.weight"):
-                    w = to_interleaved_rotary(w, params["n_heads"])
+                    w = half_to_interleaved(w, params["head_dim"])
                 elif name.endswith("self_attn.k_proj.weight"):
-                    w = to_interleaved_rotary(w, params["n_kv_heads"])
-                tensors[hf_to_mistral_name(name)] = w.contiguous()
+                    w = half_to_interleaved(w, params["head_dim"])
+                tensors[mistral_name(name)] = w.contiguous()
     save_file(tensors, str(out / "consolidated.safetensors"), metadata={"format": "pt"})
     _write_json(out / "params.json", params)
     shutil.copyfile(hf / "tokenizer.model", out / "tokenizer.model")

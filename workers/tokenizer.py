@@ -81,10 +81,9 @@ def _compile_chat_template(source: str) -> jinja2.Template:
 
 
 class _HFBackend:
-    def __init__(self, path: Path):
-        from tokenizers import Tokenizer as RustTokenizer
-
-        self._tok = RustTokenizer.from_file(str(path))
+    def __init__(self, tok):
+        """tok: a `tokenizers.Tokenizer` (from tokenizer.json, or converted from a GGUF's vocabulary)."""
+        self._tok = tok
         self._tok.no_padding()
         self._tok.no_truncation()
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
@@ -178,8 +177,10 @@ class Tokenizer:
     """Encode, decode and render chats for one checkpoint folder. Build it once; every call after
     that is cheap (Rust or sentencepiece encode, a precompiled jinja template)."""
 
-    def __init__(self, backend, *, bos_token: str, eos_token: str, unk_token: str, chat_template: str | None):
+    def __init__(self, backend, *, bos_token: str, eos_token: str, unk_token: str, chat_template: str | None,
+                 add_bos_token: bool = True):
         self._backend = backend
+        self.add_bos_token = add_bos_token  # encode() starts a prompt with BOS (Llama/Mistral yes, SmolLM2 no)
         self.bos_token, self.eos_token, self.unk_token = bos_token, eos_token, unk_token
         self.bos_id = self._required_id(bos_token)
         self.eos_id = self._required_id(eos_token)
@@ -188,11 +189,16 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer":
+        """The tokenizer of a checkpoint folder, or of a .gguf file (workers/gguf_checkpoint.py)."""
         path = Path(path)
+        if path.suffix == ".gguf" and path.is_file():
+            return cls.from_gguf(path)
         config_file = path / "tokenizer_config.json"
         config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
         if (path / "tokenizer.json").exists():
-            backend = _HFBackend(path / "tokenizer.json")
+            from tokenizers import Tokenizer as RustTokenizer
+
+            backend = _HFBackend(RustTokenizer.from_file(str(path / "tokenizer.json")))
         else:
             candidates = sorted(path.glob("tokenizer.model.v*")) or [path / "tokenizer.model"]
             spm_file = path / "tokenizer.model" if (path / "tokenizer.model").exists() else candidates[-1]
@@ -207,6 +213,36 @@ class Tokenizer:
             eos_token=_special_token(config, "eos_token", "</s>"),
             unk_token=_special_token(config, "unk_token", "<unk>"),
             chat_template=_chat_template_source(path, config),
+            add_bos_token=bool(config.get("add_bos_token", True)),
+        )
+
+    @classmethod
+    def from_gguf(cls, path: str | Path) -> "Tokenizer":
+        """The vocabulary, merges, special tokens and chat template a GGUF file carries in its metadata
+        (`gpt2` BPE and `llama` SentencePiece-style vocabularies), converted by transformers' own GGUF
+        tokenizer converter into a `tokenizers.Tokenizer`, so ids equal transformers' for the file."""
+        from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
+
+        architecture, vocabulary, config = get_gguf_tokenizer(str(path))
+        if not vocabulary.get("tokens"):
+            raise ValueError(f"{path} carries no tokenizer vocabulary (tokenizer.ggml.tokens)")
+        rust, _ = convert_gguf_tokenizer(architecture, vocabulary)
+        tokens = vocabulary["tokens"]
+
+        def special(key: str, default: str) -> str:
+            value = config.get(key)
+            if value is None and f"{key}_id" in vocabulary and vocabulary[f"{key}_id"] < len(tokens):
+                value = tokens[vocabulary[f"{key}_id"]]
+            return value or default
+
+        add_bos = config.get("add_bos_token", True)
+        return cls(
+            _HFBackend(rust),
+            bos_token=special("bos_token", "<s>"),
+            eos_token=special("eos_token", "</s>"),
+            unk_token=special("unk_token", "<unk>"),
+            chat_template=config.get("chat_template"),
+            add_bos_token=add_bos if isinstance(add_bos, bool) else str(add_bos).lower() == "true",
         )
 
     def _required_id(self, token: str) -> int:
@@ -232,7 +268,7 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         ids = self._backend.encode(text)
-        return [self.bos_id, *ids] if add_bos else ids
+        return [self.bos_id, *ids] if add_bos and self.add_bos_token else ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode(list(ids), skip_special_tokens)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mixserve.kernels.rotary import apply_rotary, rotary_table
-from mixserve.workers.checkpoint import _interleaved_to_half
+from mixserve.workers.tensor_names import half_to_interleaved, interleaved_to_half
 
 DH, THETA = 16, 1e6
 
@@ -93,8 +93,14 @@ def test_interleaved_mistral_weights_permuted_to_half_layout_give_the_same_rotat
     rotated_int = torch.stack([z.real, z.imag], dim=-1).flatten(-2)  # back to interleaved order
 
     cos, sin = rotary_table(DH, 32, THETA)
-    q_half = (x @ _interleaved_to_half(w_interleaved, DH).T).view(3, heads, DH)
+    q_half = (x @ interleaved_to_half(w_interleaved, DH).T).view(3, heads, DH)
     rotated_half = apply_rotary(q_half, cos[positions], sin[positions])
 
     evens_then_odds = torch.cat([torch.arange(0, DH, 2), torch.arange(1, DH, 2)])
     torch.testing.assert_close(rotated_half.double(), rotated_int[..., evens_then_odds], rtol=1e-4, atol=1e-4)
+
+
+def test_half_to_interleaved_inverts_interleaved_to_half():
+    w = torch.randn(3 * DH, 10, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(half_to_interleaved(interleaved_to_half(w, DH), DH), w)
+    assert torch.equal(interleaved_to_half(half_to_interleaved(w, DH), DH), w)

@@ -22,7 +22,7 @@ def test_a_valid_tiny_checkpoint_loads(tmp_path):
     assert len(model.layers[0].mlp.w13) == 8
 
 
-@pytest.mark.parametrize("model_type", ["llama", None])
+@pytest.mark.parametrize("model_type", ["gpt2", None])
 def test_another_model_type_is_rejected_by_name(tmp_path, model_type):
     path, _ = write_tiny_hf_checkpoint(tmp_path, config_overrides={"model_type": model_type})
     with pytest.raises(CheckpointError, match=f"model_type {model_type!r}") as excinfo:

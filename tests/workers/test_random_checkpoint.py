@@ -12,9 +12,9 @@ from mixserve.workers.presets import PRESETS
 from mixserve.workers.random_checkpoint import (
     DEMO_NAME,
     ensure_demo_checkpoint,
-    hf_to_mistral_name,
     write_random_checkpoint,
 )
+from mixserve.workers.tensor_names import mistral_name
 
 TINY = PRESETS["tiny"]
 
@@ -181,14 +181,14 @@ def test_greedy_choices_are_not_near_ties(hf_model):
 def test_mistral_layout_holds_the_same_weights_with_interleaved_rotary(tiny_checkpoint, tiny_mistral_layout_checkpoint):
     hf, mistral = _tensors(tiny_checkpoint), _tensors(tiny_mistral_layout_checkpoint)
     assert [f.name for f in tiny_mistral_layout_checkpoint.glob("*.safetensors")] == ["consolidated.safetensors"]
-    assert set(mistral) == {hf_to_mistral_name(n) for n in hf}
+    assert set(mistral) == {mistral_name(n) for n in hf}
     assert "layers.1.feed_forward.experts.7.w2.weight" in mistral and "output.weight" in mistral
 
     def to_hf_order(w, n_heads):  # transformers' conversion permute
         return w.view(n_heads, TINY.head_dim // 2, 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
 
     for name, w in hf.items():
-        m = mistral[hf_to_mistral_name(name)]
+        m = mistral[mistral_name(name)]
         if name.endswith("q_proj.weight"):
             assert not torch.equal(m, w)
             m = to_hf_order(m, TINY.num_heads)

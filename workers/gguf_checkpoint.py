@@ -1,0 +1,154 @@
+"""GGUF checkpoints (llama.cpp's format): the model config from the metadata, tensors by their
+Hugging Face names, dequantized tensor by tensor.
+
+Read with `gguf`'s own GGUFReader (a memory map: nothing is read until a tensor is asked for).
+Architecture `llama` as llama.cpp's converter writes it for Llama, Mistral (a sliding window when the
+metadata has one) and Mixtral (`llama.expert_count`, router `ffn_gate_inp`, experts merged into 3-D
+`ffn_{gate,up,down}_exps` or one tensor per expert). The converter permutes q/k rows into the
+interleaved rotary order; they are permuted back head by head (as for Mistral's layout). A file
+without `output.weight` ties the LM head to the embedding. Any tensor type `gguf.quants` can
+dequantize is read (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, ...): one tensor (or one row
+chunk of it) is dequantized to float32 at a time and cast, so peak memory stays near the weights kept.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import CheckpointError, ModelConfig
+from .tensor_names import ROTARY_PERMUTED, gguf_names, interleaved_to_half
+
+_ARCHITECTURES = ("llama",)
+_CHUNK_BYTES = 16 << 20
+
+
+def _reader(path: Path):
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(str(path), "r")
+    except (ValueError, OSError) as exc:
+        raise CheckpointError(f"{path} is not a readable GGUF file: {exc}") from None
+
+
+def _field(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def gguf_model_config(path: str | Path) -> ModelConfig:
+    path = Path(path)
+    reader = _reader(path)
+    arch = _field(reader, "general.architecture")
+    if arch not in _ARCHITECTURES:
+        raise CheckpointError(f"{path} has GGUF architecture {arch!r}; mixserve reads {', '.join(_ARCHITECTURES)} "
+                              "(Llama, Mistral, Mixtral as llama.cpp writes them)")
+
+    def need(key: str):
+        value = _field(reader, f"{arch}.{key}")
+        if value is None:
+            raise CheckpointError(f"{path} is missing the GGUF metadata field {arch}.{key}")
+        return value
+
+    hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
+    names = {t.name for t in reader.tensors}
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocab = _field(reader, f"{arch}.vocab_size") or (len(tokens.data) if tokens is not None else None)
+    if vocab is None:
+        raise CheckpointError(f"{path} has neither {arch}.vocab_size nor a tokenizer vocabulary")
+    experts = int(_field(reader, f"{arch}.expert_count", 0) or 0)
+    window = _field(reader, f"{arch}.attention.sliding_window")
+    head_dim = _field(reader, f"{arch}.attention.key_length") or _field(reader, f"{arch}.rope.dimension_count")
+    return ModelConfig(
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(need("feed_forward_length")),
+        num_layers=int(need("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv") or heads),
+        head_dim=int(head_dim or hidden // heads),
+        rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        sliding_window=int(window) if window else None,
+        num_experts=experts,
+        num_experts_per_tok=int(_field(reader, f"{arch}.expert_used_count", 2)) if experts else 0,
+        max_position_embeddings=int(_field(reader, f"{arch}.context_length", 4096)),
+        # all-float32 files (file_type 0) stay float32; quantized and 16-bit ones are 16-bit-sized
+        checkpoint_dtype="float32" if _field(reader, "general.file_type", 1) == 0 else "bfloat16",
+        layout="gguf",
+        bos_token_id=int(_field(reader, "tokenizer.ggml.bos_token_id", 1)),
+        eos_token_id=int(_field(reader, "tokenizer.ggml.eos_token_id", 2)),
+        tie_word_embeddings="output.weight" not in names,
+    )
+
+
+def _dequantize(raw: np.ndarray, qtype) -> np.ndarray:
+    from gguf import quants
+
+    try:
+        return quants.dequantize(raw, qtype)
+    except NotImplementedError:
+        raise CheckpointError(f"GGUF tensor type {qtype.name} cannot be dequantized here") from None
+
+
+def _as_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor over the array; F32 data comes back as a read-only view of the file's map, copied."""
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
+class GgufCheckpointReader:
+    """Reads (slices of) tensors named in Hugging Face terms from a GGUF file; the same interface as
+    workers/checkpoint.py's CheckpointReader."""
+
+    def __init__(self, path: str | Path, config: ModelConfig):
+        self.path = Path(path)
+        self.config = config
+        self._reader = _reader(self.path)
+        self._tensors = {t.name: t for t in self._reader.tensors}
+
+    def _find(self, hf_name: str):
+        try:
+            candidates = gguf_names(hf_name)
+        except KeyError:
+            raise CheckpointError(f"no GGUF name for tensor {hf_name}") from None
+        for name, expert in candidates:
+            if name in self._tensors:
+                return name, self._tensors[name], expert
+        raise CheckpointError(f"GGUF file {self.path} is missing tensor {candidates[0][0]}"
+                              + (f" (or {candidates[1][0]})" if len(candidates) > 1 else ""))
+
+    def read(self, hf_name: str, expected_shape: tuple[int, ...], dtype: torch.dtype,
+             rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
+        shape = [len(range(*(s or slice(None)).indices(n))) for s, n in zip((rows, cols), expected_shape)]
+        out = torch.empty(shape + list(expected_shape[2:]), dtype=dtype)
+        self.read_into(out, hf_name, expected_shape, rows, cols)
+        return out
+
+    def read_into(self, out: torch.Tensor, hf_name: str, expected_shape: tuple[int, ...],
+                  rows: slice | None = None, cols: slice | None = None) -> None:
+        """Dequantize the tensor (or its rows/cols slice) into `out`, a row chunk at a time."""
+        name, tensor, expert = self._find(hf_name)
+        shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dimensions innermost first
+        if expert is not None:
+            shape = shape[1:]
+        if shape != tuple(expected_shape):
+            raise CheckpointError(f"GGUF tensor {name} has shape {list(shape)}, expected {list(expected_shape)}")
+        raw = tensor.data if expert is None else tensor.data[expert]  # [rows, bytes or elements per row]
+        if len(expected_shape) == 1:
+            out.copy_(_as_tensor(_dequantize(np.asarray(raw), tensor.tensor_type)).reshape(-1))
+            return
+        permute = ROTARY_PERMUTED.fullmatch(hf_name) is not None
+        first, last, _ = (rows or slice(None)).indices(expected_shape[0])
+        row_bytes = max(1, expected_shape[1] * 4)
+        step = last - first if permute else max(1, _CHUNK_BYTES // row_bytes)
+        for start in range(first, last, step):
+            stop = min(start + step, last)
+            part = _as_tensor(_dequantize(np.asarray(raw[start:stop]), tensor.tensor_type))
+            part = part.reshape(stop - start, expected_shape[1])
+            if cols is not None:
+                part = part[:, cols]
+            if permute:
+                part = interleaved_to_half(part, self.config.head_dim)
+            out[start - first : stop - first].copy_(part)
+
