@@ -24,6 +24,20 @@ def tiny_dense_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_gguf(tiny_checkpoint, tmp_path_factory):
+    """`tiny_checkpoint` as a Q8_0 GGUF file (merged experts, Mistral vocabulary in the metadata) and
+    its dequantized weights as a Hugging Face folder: (gguf file, reference folder)."""
+    from tests.gguf_writer import write_gguf
+
+    return write_gguf(tiny_checkpoint, tmp_path_factory.mktemp("tiny-gguf"), "Q8_0", merged_experts=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_file(tiny_gguf):
+    return tiny_gguf[0]
+
+
+@pytest.fixture(scope="session")
 def tiny_mistral_layout_checkpoint(tiny_checkpoint, tmp_path_factory):
     """The weights of `tiny_checkpoint` in Mistral's layout (params.json, consolidated.safetensors)."""
     return write_mistral_layout(tiny_checkpoint, tmp_path_factory.mktemp("tiny-mistral"))

@@ -30,7 +30,7 @@ def ep2(path, **overrides):
     return tp2(path, expert_parallel=True, **overrides)
 
 
-@pytest.mark.parametrize("name", ["tiny_checkpoint", "tiny_dense_checkpoint"])
+@pytest.mark.parametrize("name", ["tiny_checkpoint", "tiny_dense_checkpoint", "tiny_gguf_file"])
 def test_tp2_greedy_outputs_equal_tp1(request, name):
     path = request.getfixturevalue(name)
     prompts = random_prompts([9, 40, 100], seed=61)
