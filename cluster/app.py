@@ -36,12 +36,23 @@ def demo_model() -> str:
 
 
 def resolve_model(settings: ServeSettings) -> str:
-    """The checkpoint: as given, or the demo model."""
-    return settings.model or demo_model()
+    """The checkpoint as given (a folder, .gguf file or hub id, which every process resolves on its own
+    node), or the demo model. A hub id is resolved here first, so that a repository that cannot be had
+    fails before any actor starts (and, downloaded once, later processes on this node find it cached)."""
+    if not settings.model:
+        return demo_model()
+    from ..workers.model_source import resolve_model as resolve_source
+
+    resolve_source(settings.model, show_progress=True)
+    return settings.model
 
 
 def _model_name(model: str) -> str:
     """A folder's name, or a .gguf file's name without the suffix."""
+    from ..workers.model_source import is_hub_id
+
+    if is_hub_id(model):
+        return model.split("@")[0]  # org/name, as vLLM names a hub model
     path = Path(model)
     return path.stem if path.suffix == ".gguf" else path.name
 

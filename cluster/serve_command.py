@@ -12,7 +12,7 @@ import ray
 from ray import serve
 from ray.serve.config import HTTPOptions, gRPCOptions
 
-from .app import build_app
+from .app import build_app, resolve_model
 from .ray_start import init_ray
 from .settings import ServeSettings
 
@@ -22,6 +22,7 @@ GRPC_SERVICER = "mixserve.router.generate_pb2_grpc.add_GenerateServiceServicer_t
 
 def start_serve(settings: ServeSettings) -> str:
     """Deploy and wait until /health answers; returns the base URL."""
+    resolve_model(settings)  # a model that cannot be had fails here, before Ray starts
     # A local head gets at least the logical CPUs the app asks for (Ray CPUs are scheduling units;
     # torch threads are set by --threads), so `--replica-cpus 2` on a 2-core laptop still starts.
     needed = settings.cpus_needed()

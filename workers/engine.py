@@ -21,6 +21,7 @@ from .executor import Executor, make_executor
 from .kv_cache_manager import KVCacheManager
 from .loader import check_shardable
 from .model_runner import CacheShape, kv_bytes_per_block
+from .model_source import resolve_model
 from .outputs import CompletionOutput, RequestOutput
 from .request_checks import completion_budget, max_model_len, prompt_token_ids
 from .sampling_params import SamplingParams
@@ -54,20 +55,21 @@ def describe_kernels(report: dict) -> str:
 class LLMEngine:
     def __init__(self, config: EngineConfig, executor: Executor | None = None):
         self.config = config
-        self.model_config = mc = load_model_config(config.model)
+        self.model_path = resolve_model(config.model, config.show_progress)  # a folder, .gguf file or hub id
+        self.model_config = mc = load_model_config(self.model_path)
         check_shardable(mc, config.tensor_parallel_size, config.expert_parallel)
         self.dtype_choice = choose_dtype(config.dtype, mc, config.device, config.tensor_parallel_size,
                                          config.kv_cache_bytes)
         self.dtype = self.dtype_choice.dtype
         log.info("dtype %s: %s", self.dtype_choice.name, self.dtype_choice.reason)
-        self.tokenizer = Tokenizer.from_dir(config.model)
+        self.tokenizer = Tokenizer.from_dir(self.model_path)
         self.max_model_len = max_model_len(config.max_model_len, mc.max_position_embeddings)
         per_block = kv_bytes_per_block(mc, config.block_size, self.dtype, config.tensor_parallel_size)
         num_blocks = config.num_blocks or config.kv_cache_bytes // per_block
         self.cache_shape = CacheShape(num_blocks, config.block_size)
         self.kv = KVCacheManager(num_blocks, config.block_size, mc.sliding_window, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
-        self.executor = executor or make_executor(config, mc, self.dtype, self.cache_shape)
+        self.executor = executor or make_executor(config, mc, self.dtype, self.cache_shape, self.model_path)
         self.stats = EngineStats()
         self._requests: dict[str, tuple[str | None, list[Sequence]]] = {}
         self._seq_ids = count()

@@ -41,10 +41,12 @@ class LocalExecutor:
         self.runner = None
 
 
-def make_executor(config: EngineConfig, model_config: ModelConfig, dtype: torch.dtype, cache: CacheShape) -> Executor:
-    """In-process for a single rank; Ray actors in a placement group for tensor parallelism."""
+def make_executor(config: EngineConfig, model_config: ModelConfig, dtype: torch.dtype, cache: CacheShape,
+                  local_path=None) -> Executor:
+    """In-process for a single rank (reading `local_path`, the model as resolved here); Ray actors in a
+    placement group for tensor parallelism (each rank resolves `config.model` on its own node)."""
     if config.tensor_parallel_size == 1 and not config.distributed:
-        runner = ModelRunner(config.model, model_config, dtype, cache, device=config.device,
+        runner = ModelRunner(local_path or config.model, model_config, dtype, cache, device=config.device,
                              show_progress=config.show_progress, linear_kernel=config.linear_kernel)
         return LocalExecutor(runner)
     from .ray_executor import PlacementSpec, RayExecutor

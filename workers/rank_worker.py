@@ -13,6 +13,7 @@ from .config import DTYPES, ModelConfig
 from .loader import ShardSpec
 from .model_inputs import build_model_inputs
 from .model_runner import CacheShape, ModelRunner
+from .model_source import resolve_model
 from .step_input import StepInput, StepOutput
 
 
@@ -51,7 +52,7 @@ class RankWorker:
         all_reduce = self.communicator.all_reduce if self.communicator else (lambda x: x)
         shard = ShardSpec(self.rank, self.world_size, expert_parallel)
         self.runner = ModelRunner(
-            model_path, config, DTYPES[dtype], cache, shard, all_reduce,
+            resolve_model(model_path), config, DTYPES[dtype], cache, shard, all_reduce,
             device="cuda" if device == "cuda" else "cpu", linear_kernel=linear_kernel,
         )
         return self.weight_bytes()
