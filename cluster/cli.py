@@ -338,12 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mixserve.cluster.sizing import DoesNotFitError
     from mixserve.workers.config import CheckpointError
 
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except CheckpointError as exc:  # a model that cannot be had or read: one clear line, no traceback
+    except (CheckpointError, DoesNotFitError) as exc:  # a model that cannot be had or read: one clear line, no traceback
         print(f"mixserve {args.command}: {exc}", file=sys.stderr)
         return 2
 

@@ -22,7 +22,7 @@ GRPC_SERVICER = "mixserve.router.generate_pb2_grpc.add_GenerateServiceServicer_t
 
 def start_serve(settings: ServeSettings) -> str:
     """Deploy and wait until /health answers; returns the base URL."""
-    resolve_model(settings)  # a model that cannot be had fails here, before Ray starts
+    report_sizing(settings, resolve_model(settings))  # a model that cannot be had or fit fails before Ray starts
     # A local head gets at least the logical CPUs the app asks for (Ray CPUs are scheduling units;
     # torch threads are set by --threads), so `--replica-cpus 2` on a 2-core laptop still starts.
     needed = settings.cpus_needed()
@@ -39,6 +39,20 @@ def start_serve(settings: ServeSettings) -> str:
     url = f"http://{settings.host}:{settings.port}"
     wait_until_healthy(url)
     return url
+
+
+def report_sizing(settings: ServeSettings, model: str) -> None:
+    """Print what the model needs; on a local CPU head refuse a deployment this machine cannot hold."""
+    from mixserve.workers.config import load_model_config
+    from mixserve.workers.model_source import resolve_model as resolve_source
+
+    from .sizing import check_fits, size_deployment
+
+    sizing = size_deployment(settings, load_model_config(resolve_source(model)))
+    for line in sizing.lines():
+        print(line, flush=True)
+    if settings.address is None and settings.device == "cpu":
+        check_fits(sizing)
 
 
 def wait_until_healthy(url: str, timeout_s: float = 600.0, check_alive=None) -> None:

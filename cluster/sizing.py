@@ -1,0 +1,81 @@
+"""How much memory a deployment needs, said before anything starts (the Apolo "Mistral app" idea:
+size the deployment from the model's own numbers).
+
+Rule: one tensor-parallel rank holds its share of the weights in the engine's dtype (as
+workers/dtype_choice.py picks it; a tied LM head is a second copy of the embedding) plus its KV
+cache (`kv_cache_bytes`). On CPU every rank of every replica started at once must fit in
+`budget_fraction` (90%) of the memory this machine has available now, or `mixserve serve` refuses
+with a message that names the numbers and what to change; on a joined cluster (other nodes may
+hold the replicas) and on CUDA it only reports.
+"""
+
+from dataclasses import dataclass
+
+from mixserve.workers.config import ModelConfig
+from mixserve.workers.dtype_choice import available_memory_bytes, choose_dtype, weight_elements_per_rank
+from mixserve.workers.model_runner import kv_bytes_per_block
+
+from .settings import ServeSettings
+
+GIB = 2**30
+
+
+class DoesNotFitError(ValueError):
+    """The deployment cannot fit in this machine's memory; the message says by how much and what to change."""
+
+
+@dataclass(frozen=True, slots=True)
+class Sizing:
+    dtype: str
+    weight_bytes_per_rank: int
+    kv_bytes_per_token: int  # one rank's share
+    kv_cache_bytes: int  # per rank
+    ranks: int  # every rank of the replicas started at once
+
+    @property
+    def tokens_in_cache(self) -> int:
+        return self.kv_cache_bytes // max(1, self.kv_bytes_per_token)
+
+    @property
+    def bytes_needed(self) -> int:
+        return self.ranks * (self.weight_bytes_per_rank + self.kv_cache_bytes)
+
+    def lines(self) -> list[str]:
+        return [
+            f"weights: {self.weight_bytes_per_rank / GIB:.2f} GiB per rank in {self.dtype}",
+            f"KV cache: {self.kv_bytes_per_token / 1024:.1f} KiB per token per rank; {self.kv_cache_bytes / GIB:.2f} GiB "
+            f"per rank holds {self.tokens_in_cache:,} tokens",
+            f"memory needed: {self.bytes_needed / GIB:.2f} GiB for {self.ranks} rank(s)",
+        ]
+
+
+def size_deployment(settings: ServeSettings, config: ModelConfig) -> Sizing:
+    tp = settings.tensor_parallel_size
+    dtype = choose_dtype(settings.dtype, config, settings.device, tp, settings.kv_cache_bytes).dtype
+    elements = weight_elements_per_rank(config, tp)
+    if config.tie_word_embeddings:
+        elements += config.vocab_size * config.hidden_size  # the LM head is packed as its own copy
+    replicas = settings.replicas if settings.min_replicas is None else max(settings.min_replicas, 1)
+    return Sizing(
+        dtype=str(dtype).replace("torch.", ""),
+        weight_bytes_per_rank=elements * dtype.itemsize,
+        kv_bytes_per_token=kv_bytes_per_block(config, 1, dtype, tp),
+        kv_cache_bytes=settings.kv_cache_bytes,
+        ranks=replicas * tp,
+    )
+
+
+def check_fits(sizing: Sizing, available: int | None = None, budget_fraction: float = 0.9) -> None:
+    """Raise DoesNotFitError when the ranks cannot fit in this machine's available memory."""
+    available = available_memory_bytes() if available is None else available
+    if available is None:
+        return
+    budget = int(available * budget_fraction)
+    if sizing.bytes_needed > budget:
+        raise DoesNotFitError(
+            f"the model does not fit: {sizing.ranks} rank(s) x ({sizing.weight_bytes_per_rank / GIB:.2f} GiB of "
+            f"{sizing.dtype} weights + {sizing.kv_cache_bytes / GIB:.2f} GiB of KV cache) = "
+            f"{sizing.bytes_needed / GIB:.2f} GiB, and this machine has {available / GIB:.2f} GiB available "
+            f"(budget {budget_fraction:.0%}: {budget / GIB:.2f} GiB). Use fewer replicas, --tensor-parallel-size "
+            "over more nodes, a smaller --kv-cache-bytes, --dtype bfloat16, or a quantized (GGUF) model."
+        )
