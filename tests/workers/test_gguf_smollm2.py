@@ -128,3 +128,20 @@ def test_the_tokenizer_gives_transformers_ids_for_200_strings(engine, hf_tokeniz
     assert not mismatches, json.dumps(mismatches[:3], ensure_ascii=False)
     for s, ids in zip(strings, ours):  # and decoding gives the text back
         assert engine.tokenizer.decode(ids, skip_special_tokens=False) == s
+
+
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You answer in one word."}, {"role": "user", "content": "Capital of Italy?"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
+     {"role": "user", "content": "Tell me a joke."}],
+]
+
+
+@pytest.mark.parametrize("chat", CHATS, ids=["user", "system", "multi-turn"])
+def test_the_chatml_template_from_the_gguf_renders_as_transformers_does(engine, hf_tokenizer, chat):
+    ours = engine.tokenizer.apply_chat_template(chat, add_generation_prompt=True)
+    theirs = hf_tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert ours == theirs
+    assert engine.tokenizer.encode_chat(chat) == hf_tokenizer(theirs, add_special_tokens=False)["input_ids"]
+    assert ours.endswith("<|im_start|>assistant\n")
