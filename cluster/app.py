@@ -30,7 +30,7 @@ def demo_model() -> str:
         path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
         if path.is_file():
             return str(path)
-    from ..workers.random_checkpoint import default_cache_dir, ensure_demo_checkpoint
+    from ..random_models.random_checkpoint import default_cache_dir, ensure_demo_checkpoint
 
     return str(ensure_demo_checkpoint(default_cache_dir()))
 

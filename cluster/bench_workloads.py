@@ -169,6 +169,6 @@ def build_workload(name: str, tokenizer: Tokenizer, num_prompts: int, seed: int 
 
 def default_tokenizer_dir() -> Path:
     """The embedded demo model's folder: random weights, the real Mistral tokenizer."""
-    from mixserve.workers.random_checkpoint import default_cache_dir, ensure_demo_checkpoint
+    from mixserve.random_models.random_checkpoint import default_cache_dir, ensure_demo_checkpoint
 
     return ensure_demo_checkpoint(default_cache_dir())

@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mixserve.workers.presets import PRESETS
+from mixserve.random_models.presets import PRESETS
 
 
 def _add_checkpoint_parser(subparsers) -> None:
@@ -29,7 +29,7 @@ def _add_checkpoint_parser(subparsers) -> None:
 
 
 def _run_checkpoint(args: argparse.Namespace) -> int:
-    from mixserve.workers.random_checkpoint import write_mistral_layout, write_random_checkpoint
+    from mixserve.random_models.random_checkpoint import write_mistral_layout, write_random_checkpoint
 
     if args.layout == "hf":
         out = write_random_checkpoint(
@@ -46,7 +46,7 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
 
 def _resolve_model(model: Path | None, preset: str | None, cache_dir: Path | None) -> Path:
     """--model as given; otherwise the preset built once (seed 0) into the cache folder."""
-    from mixserve.workers.random_checkpoint import default_cache_dir, ensure_demo_checkpoint, write_random_checkpoint
+    from mixserve.random_models.random_checkpoint import default_cache_dir, ensure_demo_checkpoint, write_random_checkpoint
 
     if model is not None:
         return model

@@ -8,7 +8,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
 
-from mixserve.workers.random_checkpoint import write_mistral_layout, write_random_checkpoint
+from mixserve.random_models.random_checkpoint import write_mistral_layout, write_random_checkpoint
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mixserve.workers.config import load_model_config
-from mixserve.workers.random_checkpoint import mistral_tokenizer_model
+from mixserve.random_models.random_checkpoint import mistral_tokenizer_model
 from mixserve.workers.tensor_names import ROTARY_PERMUTED, gguf_names, half_to_interleaved, interleaved_to_half
 
 

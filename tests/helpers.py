@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from mixserve.workers.config import ModelConfig
-from mixserve.workers.random_checkpoint import hf_config, tensor_specs
+from mixserve.random_models.random_checkpoint import hf_config, tensor_specs
 from mixserve.workers.sampling_params import SamplingParams
 from mixserve.workers.sequence import Sequence
 

@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from mixserve.workers.random_checkpoint import mistral_tokenizer_model
+from mixserve.random_models.random_checkpoint import mistral_tokenizer_model
 from mixserve.workers.tokenizer import MISTRAL_INSTRUCT_CHAT_TEMPLATE, Tokenizer
 
 TEXTS = [

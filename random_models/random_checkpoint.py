@@ -33,10 +33,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import DTYPES, ModelConfig
+from ..workers.config import DTYPES, ModelConfig
 from .presets import get_preset
-from .tensor_names import half_to_interleaved, mistral_name
-from .tokenizer import MISTRAL_INSTRUCT_CHAT_TEMPLATE
+from ..workers.tensor_names import half_to_interleaved, mistral_name
+from ..workers.tokenizer import MISTRAL_INSTRUCT_CHAT_TEMPLATE
 
 LM_HEAD_SCALE = 10.0  # logit std; tiny: median top-1/top-2 gap ~1.6, mean top-1 probability ~0.7
 DEMO_NAME = "demo-tiny-v1"

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from mixserve.workers.presets import PRESETS
-from mixserve.workers.random_checkpoint import (
+from mixserve.random_models.presets import PRESETS
+from mixserve.random_models.random_checkpoint import (
     DEMO_NAME,
     ensure_demo_checkpoint,
     write_random_checkpoint,
@@ -198,7 +198,7 @@ def test_mistral_layout_holds_the_same_weights_with_interleaved_rotary(tiny_chec
 
 
 def test_mistral_params_json(tiny_mistral_layout_checkpoint, tiny_dense_checkpoint, tmp_path):
-    from mixserve.workers.random_checkpoint import write_mistral_layout
+    from mixserve.random_models.random_checkpoint import write_mistral_layout
 
     params = json.loads((tiny_mistral_layout_checkpoint / "params.json").read_text())
     assert params == {

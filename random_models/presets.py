@@ -10,7 +10,7 @@ then reads it back like any other checkpoint.
 | mini   | benchmarks | ~0.8 B (~0.26 B active per token)                 |
 """
 
-from .config import ModelConfig
+from ..workers.config import ModelConfig
 
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(
