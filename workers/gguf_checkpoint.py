@@ -84,13 +84,13 @@ def gguf_model_config(path: str | Path) -> ModelConfig:
     )
 
 
-def _dequantize(raw: np.ndarray, qtype) -> np.ndarray:
+def _dequantize(raw: np.ndarray, qtype, name: str) -> np.ndarray:
     from gguf import quants
 
     try:
         return quants.dequantize(raw, qtype)
     except NotImplementedError:
-        raise CheckpointError(f"GGUF tensor type {qtype.name} cannot be dequantized here") from None
+        raise CheckpointError(f"GGUF tensor {name} has type {qtype.name}, which gguf cannot dequantize") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +147,7 @@ class GgufCheckpointReader:
             raise CheckpointError(f"GGUF tensor {name} has shape {list(shape)}, expected {list(expected_shape)}")
         raw = tensor.data if expert is None else tensor.data[expert]  # [rows, bytes or elements per row]
         if len(expected_shape) == 1:
-            out.copy_(_as_tensor(_dequantize(np.asarray(raw), tensor.tensor_type)).reshape(-1))
+            out.copy_(_as_tensor(_dequantize(np.asarray(raw), tensor.tensor_type, name)).reshape(-1))
             return
         permute = ROTARY_PERMUTED.fullmatch(hf_name) is not None
         first, last, _ = (rows or slice(None)).indices(expected_shape[0])
@@ -155,7 +155,7 @@ class GgufCheckpointReader:
         step = last - first if permute else max(1, _CHUNK_BYTES // row_bytes)
         for start in range(first, last, step):
             stop = min(start + step, last)
-            part = _as_tensor(_dequantize(np.asarray(raw[start:stop]), tensor.tensor_type))
+            part = _as_tensor(_dequantize(np.asarray(raw[start:stop]), tensor.tensor_type, name))
             part = part.reshape(stop - start, expected_shape[1])
             if cols is not None:
                 part = part[:, cols]

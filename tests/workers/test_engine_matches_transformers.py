@@ -87,3 +87,24 @@ def test_mistral_layout_logits_match_transformers(tiny_checkpoint, tiny_mistral_
         ref = hf(torch.tensor([prompt])).logits[0]
     prefill, _ = _logits_prefill_then_decode(runner, prompt, int(ref[-1].argmax()))
     assert (prefill - ref).abs().max().item() <= 1e-4
+
+
+def test_a_llama_config_with_tied_embeddings_matches_transformers_llama(tmp_path):
+    """model_type llama (Mistral's architecture without the sliding window), no lm_head tensor:
+    the LM head is the embedding. transformers' LlamaForCausalLM on the same folder is the reference."""
+    from tests.helpers import write_tiny_hf_checkpoint
+
+    overrides = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "tie_word_embeddings": True,
+                 "sliding_window": None, "rope_theta": 1e4}
+    path, _ = write_tiny_hf_checkpoint(tmp_path, dense=True, vocab=512, sliding_window=None,
+                                       drop=["lm_head.weight"], config_overrides=overrides)
+    config = load_model_config(path)
+    assert config.tie_word_embeddings and config.sliding_window is None and config.rope_theta == 1e4
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    runner = ModelRunner(path, config, torch.float32, CacheShape(32, 16))
+    prompt = random_prompts([150], seed=7, vocab=512)[0]
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0]
+    prefill, _ = _logits_prefill_then_decode(runner, prompt, int(ref[-1].argmax()))
+    assert (prefill - ref).abs().max().item() <= 1e-4
