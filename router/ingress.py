@@ -22,6 +22,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 
 from ..workers.config import load_model_config
+from ..workers.model_source import resolve_model
 from ..workers.prefix_hash import block_hashes
 from ..workers.request_checks import ContextLengthError, completion_budget, max_model_len, prompt_token_ids
 from ..workers.sampling_params import SamplingParams
@@ -80,8 +81,9 @@ class OpenAIIngress(GrpcGenerateMixin):
     def __init__(self, llm_server, options: IngressOptions):
         self.llm = llm_server
         self.opts = options
-        self.tokenizer = Tokenizer.from_dir(options.model)
-        config = load_model_config(options.model)
+        model_path = resolve_model(options.model)  # a folder, .gguf file or hub id, on this node
+        self.tokenizer = Tokenizer.from_dir(model_path)
+        config = load_model_config(model_path)
         self.vocab_size = config.vocab_size
         self.max_model_len = max_model_len(options.max_model_len, config.max_position_embeddings)
         self.metrics = ServingMetrics(options.served_model_name)

@@ -7,7 +7,9 @@ in the test process's memory.
 """
 
 import json
+import signal
 import struct
+import subprocess
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -119,3 +121,15 @@ def naive_attention(q, k, v, query_positions, window: int | None, scale: float):
     scores = torch.einsum("qhd,phd->hqp", q.float(), k) * scale
     probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
     return torch.einsum("hqp,phd->qhd", probs, v)
+
+
+def interrupt(proc: subprocess.Popen, timeout_s: float = 60) -> tuple[int, str]:
+    """Stop a `mixserve serve` subprocess as a user's Ctrl-C does (SIGINT), killing it if it hangs;
+    returns (exit code, its output)."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return proc.returncode, out or ""

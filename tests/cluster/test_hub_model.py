@@ -8,7 +8,6 @@ the network even by mistake; Ray's own loopback traffic still flows.
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import httpx
 import pytest
 
 from mixserve.workers.ports import free_port
+from tests.helpers import interrupt
 
 REPO, COMMIT = "testorg/tiny-moe", "0123456789abcdef0123456789abcdef01234567"
 
@@ -109,16 +109,13 @@ def test_a_hub_id_serves_from_the_prefilled_cache_offline(hub_env):
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        assert answer is not None, "no answer within 90 s"
+        if answer is None:
+            proc.kill()
+            raise AssertionError("no answer within 90 s; the server said: " + proc.communicate()[0][-4000:])
         assert answer["model"] == REPO and answer["usage"]["completion_tokens"] == 4
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            out, _ = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
-    assert proc.returncode == 0, out[-3000:]
+        returncode, out = interrupt(proc)
+    assert returncode == 0, out[-3000:]
 
 
 def test_a_hub_id_at_a_revision_resolves_too(hub_env):

@@ -3,7 +3,6 @@ model (SmolLM2-135M-Instruct) answering a chat in English within 60 s of startin
 on SIGINT."""
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 import httpx
 
 from mixserve.workers.ports import free_port
+from tests.helpers import interrupt
 
 
 def test_mixserve_serve_answers_the_capital_of_france_within_60s_on_a_fresh_cache(tmp_path):
@@ -39,11 +39,6 @@ def test_mixserve_serve_answers_the_capital_of_france_within_60s_on_a_fresh_cach
         assert "Paris" in answer, answer
         assert r.json()["model"] == "mixserve-demo" and r.json()["choices"][0]["finish_reason"] == "stop"
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            out, _ = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
-    assert proc.returncode == 0, out[-3000:]
+        returncode, out = interrupt(proc)
+    assert returncode == 0, out[-3000:]
     print(f"chat answered {answered_after:.1f} s after start")
