@@ -21,6 +21,9 @@ class ServeSettings(BaseModel):
         "native bf16 math when it fits in memory")
     linear_kernel: Literal["auto", "reference", "onednn"] = Field(
         "auto", description="auto: the fastest kernel this machine runs, timed per weight shape at load")
+    quantization: Literal["none", "int8", "int4"] = Field(
+        "none", description="weight-only quantization of the attention and expert/MLP weights at load")
+    quantization_group_size: int = Field(64, description="int4: input columns per scale (32, 64, 128 or 256)")
     device: Literal["cpu", "cuda"] = "cpu"
     # engine, per replica
     tensor_parallel_size: int = Field(1, ge=1)
@@ -61,6 +64,12 @@ class ServeSettings(BaseModel):
     address: str | None = Field(None, description="'auto' or host:port of a running Ray cluster")
 
     @model_validator(mode="after")
+    def _group_size(self):
+        if self.quantization_group_size not in (32, 64, 128, 256):
+            raise ValueError(f"quantization_group_size must be 32, 64, 128 or 256; got {self.quantization_group_size}")
+        return self
+
+    @model_validator(mode="after")
     def _autoscaling_pair(self):
         if (self.min_replicas is None) != (self.max_replicas is None):
             raise ValueError("set min_replicas and max_replicas together to autoscale")
@@ -81,7 +90,9 @@ class ServeSettings(BaseModel):
         if self.rank_gpus:
             rank_bundle["GPU"] = self.rank_gpus
         return dict(
-            model=model_path, dtype=self.dtype, linear_kernel=self.linear_kernel, block_size=self.block_size, kv_cache_bytes=self.kv_cache_bytes,
+            model=model_path, dtype=self.dtype, linear_kernel=self.linear_kernel,
+            quantization=self.quantization, quantization_group_size=self.quantization_group_size,
+            block_size=self.block_size, kv_cache_bytes=self.kv_cache_bytes,
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len, enable_prefix_caching=self.enable_prefix_caching,
             tensor_parallel_size=self.tensor_parallel_size, expert_parallel=self.expert_parallel,

@@ -11,6 +11,7 @@ hold the replicas) and on CUDA it only reports.
 
 from dataclasses import dataclass
 
+from mixserve.kernels.quantize import scheme_for
 from mixserve.workers.config import ModelConfig
 from mixserve.workers.dtype_choice import available_memory_bytes, choose_dtype, weight_elements_per_rank
 from mixserve.workers.model_runner import kv_bytes_per_block
@@ -31,6 +32,7 @@ class Sizing:
     kv_bytes_per_token: int  # one rank's share
     kv_cache_bytes: int  # per rank
     ranks: int  # every rank of the replicas started at once
+    quantized: str = ""  # ", attention and experts int4 (group 64)" when quantized
 
     @property
     def tokens_in_cache(self) -> int:
@@ -42,11 +44,30 @@ class Sizing:
 
     def lines(self) -> list[str]:
         return [
-            f"weights: {self.weight_bytes_per_rank / GIB:.2f} GiB per rank in {self.dtype}",
+            f"weights: {self.weight_bytes_per_rank / GIB:.2f} GiB per rank ({self.dtype}{self.quantized})",
             f"KV cache: {self.kv_bytes_per_token / 1024:.1f} KiB per token per rank; {self.kv_cache_bytes / GIB:.2f} GiB "
             f"per rank holds {self.tokens_in_cache:,} tokens",
             f"memory needed: {self.bytes_needed / GIB:.2f} GiB for {self.ranks} rank(s)",
         ]
+
+
+def _linear_shapes(config: ModelConfig, tp: int) -> list[tuple[int, int]]:
+    """[out, in] of every attention and MLP/expert weight one rank holds (what quantization touches)."""
+    c, dh = config, config.head_dim
+    per_layer = [((c.num_heads + 2 * c.num_kv_heads) * dh // tp, c.hidden_size), (c.hidden_size, c.num_heads * dh // tp)]
+    per_layer += [(2 * c.intermediate_size // tp, c.hidden_size), (c.hidden_size, c.intermediate_size // tp)] * max(
+        c.num_experts, 1)
+    return per_layer * c.num_layers
+
+
+def quantized_bytes(shape: tuple[int, int], scheme: str, itemsize: int, group_size: int) -> int:
+    """Bytes of one [N, K] weight stored as `scheme` (codes and scales; kernels/quantize.py)."""
+    n, k = shape
+    if scheme == "int8":
+        return n * k + n * itemsize
+    if scheme == "int4":
+        return n * k // 2 + (k // group_size) * n * 2 * itemsize
+    return n * k * itemsize
 
 
 def size_deployment(settings: ServeSettings, config: ModelConfig) -> Sizing:
@@ -55,13 +76,21 @@ def size_deployment(settings: ServeSettings, config: ModelConfig) -> Sizing:
     elements = weight_elements_per_rank(config, tp)
     if config.tie_word_embeddings:
         elements += config.vocab_size * config.hidden_size  # the LM head is packed as its own copy
+    weight_bytes = elements * dtype.itemsize
+    if settings.quantization != "none":
+        for shape in _linear_shapes(config, tp):
+            scheme = scheme_for(shape, settings.quantization, settings.quantization_group_size)
+            weight_bytes += quantized_bytes(shape, scheme, dtype.itemsize, settings.quantization_group_size)
+            weight_bytes -= shape[0] * shape[1] * dtype.itemsize
     replicas = settings.replicas if settings.min_replicas is None else max(settings.min_replicas, 1)
     return Sizing(
         dtype=str(dtype).replace("torch.", ""),
-        weight_bytes_per_rank=elements * dtype.itemsize,
+        weight_bytes_per_rank=weight_bytes,
         kv_bytes_per_token=kv_bytes_per_block(config, 1, dtype, tp),
         kv_cache_bytes=settings.kv_cache_bytes,
         ranks=replicas * tp,
+        quantized="" if settings.quantization == "none" else f", attention and experts {settings.quantization}"
+        + (f" (group {settings.quantization_group_size})" if settings.quantization == "int4" else ""),
     )
 
 

@@ -2,12 +2,17 @@
 
 from dataclasses import dataclass, field
 
+from .loader import WeightFormat
+
 
 @dataclass(slots=True)
 class EngineConfig:
     model: str
     dtype: str = "auto"  # "auto": workers/dtype_choice.py's rule
     linear_kernel: str = "auto"  # "auto": kernels/kernel_choice.py's rule; or "reference" / "onednn"
+    quantization: str = "none"  # "int8" / "int4": weight-only, at load (kernels/quantize.py)
+    quantization_group_size: int = 64  # int4's group of input columns (32, 64, 128, 256)
+    quantize_lm_head: bool = False
     block_size: int = 16  # tokens per KV-cache block
     kv_cache_bytes: int = 1 << 30  # per rank; sets the number of blocks
     num_blocks: int | None = None  # overrides kv_cache_bytes
@@ -26,3 +31,6 @@ class EngineConfig:
     device: str = "cpu"
     seed: int = 0  # seeds the seeds of unseeded requests
     show_progress: bool = False
+
+    def weight_format(self) -> WeightFormat:
+        return WeightFormat(self.linear_kernel, self.quantization, self.quantization_group_size, self.quantize_lm_head)

@@ -47,7 +47,7 @@ def make_executor(config: EngineConfig, model_config: ModelConfig, dtype: torch.
     placement group for tensor parallelism (each rank resolves `config.model` on its own node)."""
     if config.tensor_parallel_size == 1 and not config.distributed:
         runner = ModelRunner(local_path or config.model, model_config, dtype, cache, device=config.device,
-                             show_progress=config.show_progress, linear_kernel=config.linear_kernel)
+                             show_progress=config.show_progress, weights=config.weight_format())
         return LocalExecutor(runner)
     from .ray_executor import PlacementSpec, RayExecutor
 
@@ -59,4 +59,4 @@ def make_executor(config: EngineConfig, model_config: ModelConfig, dtype: torch.
     dtype_name = str(dtype).replace("torch.", "")
     return RayExecutor(config.model, model_config, dtype_name, cache, config.tensor_parallel_size, placement,
                        device=config.device, expert_parallel=config.expert_parallel,
-                       linear_kernel=config.linear_kernel)
+                       weights=config.weight_format())

@@ -19,6 +19,8 @@ import torch
 from tqdm import tqdm
 
 from ..kernels.kernel_choice import LinearKernelChooser
+from ..kernels.linear import LinearWeight, pack_weight
+from ..kernels.quantize import QUANTIZATIONS, scheme_for
 from ..kernels.rotary import rotary_table
 from .checkpoint import open_checkpoint
 from .config import CheckpointError, ModelConfig
@@ -33,6 +35,23 @@ def _return_freed_memory() -> None:
         libc = ctypes.CDLL(name)
         if hasattr(libc, "malloc_trim"):
             libc.malloc_trim(0)
+
+
+@dataclass(frozen=True, slots=True)
+class WeightFormat:
+    """How linear weights are stored: the kernel choice's mode (kernels/kernel_choice.py), and weight-only
+    quantization of the attention and MLP/expert projections (kernels/quantize.py; int4 in groups of
+    `group_size` input columns), optionally of the LM head too. Norms, router gate and embedding stay
+    in the model's dtype."""
+
+    linear_kernel: str = "auto"
+    quantization: str = "none"
+    group_size: int = 64
+    quantize_lm_head: bool = False
+
+    def __post_init__(self):
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}; got {self.quantization!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,14 +89,23 @@ def load_model(
     all_reduce: AllReduce = no_all_reduce,
     device: str | torch.device = "cpu",
     show_progress: bool = False,
-    linear_kernel: str = "auto",
+    weights: WeightFormat = WeightFormat(),
 ) -> MixtralModel:
-    """This rank's model; `linear_kernel` is kernels/kernel_choice.py's mode (its choices end up in
-    `model.kernel_report`)."""
+    """This rank's model, its linear weights stored as `weights` says (each shape's kernel ends up in
+    `model.kernel_report`). Each weight is quantized as it is read: no full-precision copy of the model
+    is ever held."""
     check_shardable(config, shard.world_size, shard.expert_parallel)
     reader = open_checkpoint(path, config)
-    kernels = LinearKernelChooser(linear_kernel)
-    pack_weight = kernels.pack
+    kernels = LinearKernelChooser(weights.linear_kernel)
+
+    def pack(weight: torch.Tensor, quantize: bool = True) -> LinearWeight:
+        scheme = scheme_for(tuple(weight.shape), weights.quantization if quantize else "none", weights.group_size)
+        if scheme == "none":
+            return kernels.pack(weight)
+        name = f"{weight.shape[0]}x{weight.shape[1]} {str(weight.dtype).replace('torch.', '')}"
+        kernels.report.setdefault(name, scheme + (f" (group {weights.group_size})" if scheme == "int4" else ""))
+        return pack_weight(weight, scheme, weights.group_size)
+
     c = config
     dh, hidden, inter = c.head_dim, c.hidden_size, c.intermediate_size
     q_rows, kv_rows = shard.part(c.num_heads * dh), shard.part(c.num_kv_heads * dh)
@@ -93,12 +121,12 @@ def load_model(
         out = torch.empty(sum(sizes), parts[0][1][1], dtype=dtype)
         for (name, shape, rows), start in zip(parts, [sum(sizes[:i]) for i in range(len(sizes))]):
             reader.read_into(out[start : start + rows.stop - rows.start], name, shape, rows=rows)
-        return pack_weight(out.to(device))
+        return pack(out.to(device))
 
     # The LM head first: packing it briefly takes 2-3 copies of it, and that transient must not
     # come on top of every layer already loaded (in small-vocabulary-heavy models it is 25% of all).
     lm_head_name = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
-    lm_head = pack_weight(read(lm_head_name, (c.vocab_size, hidden)))
+    lm_head = pack(read(lm_head_name, (c.vocab_size, hidden)), quantize=weights.quantize_lm_head)
     _return_freed_memory()
     layers = []
     for i in tqdm(range(c.num_layers), desc="loading layers", disable=not show_progress):
@@ -111,7 +139,7 @@ def load_model(
                     (p + "self_attn.v_proj.weight", (c.num_kv_heads * dh, hidden), kv_rows),
                 ]
             ),
-            o=pack_weight(read(p + "self_attn.o_proj.weight", (hidden, c.num_heads * dh), cols=q_rows)),
+            o=pack(read(p + "self_attn.o_proj.weight", (hidden, c.num_heads * dh), cols=q_rows)),
             num_heads=c.num_heads // shard.world_size,
             num_kv_heads=c.num_kv_heads // shard.world_size,
             head_dim=dh,
@@ -126,7 +154,7 @@ def load_model(
                     for x in range(c.num_experts)
                 ],
                 w2=[
-                    pack_weight(read(f"{e}experts.{x}.w2.weight", (hidden, inter), cols=expert_rows))
+                    pack(read(f"{e}experts.{x}.w2.weight", (hidden, inter), cols=expert_rows))
                     if shard.owns_expert(x, c.num_experts) else None
                     for x in range(c.num_experts)
                 ],
@@ -135,7 +163,7 @@ def load_model(
         else:
             mlp = DenseMlp(
                 w13=fused([(p + f"mlp.{w}_proj.weight", (inter, hidden), i_part) for w in ("gate", "up")]),
-                w2=pack_weight(read(p + "mlp.down_proj.weight", (hidden, inter), cols=i_part)),
+                w2=pack(read(p + "mlp.down_proj.weight", (hidden, inter), cols=i_part)),
             )
         _return_freed_memory()
         layers.append(

@@ -107,16 +107,18 @@ class MixtralModel:
         self.kernel_report = kernel_report or {}  # linear weight shape -> kernel chosen at load
 
     def weight_bytes(self) -> int:
-        """Bytes of the weights this rank holds."""
-        tensors = [self.embed, self.norm, self.lm_head.data]
+        """Bytes of the weights this rank holds (quantized codes and their scales included)."""
+        tensors, linears = [self.embed, self.norm], [self.lm_head]
         for layer in self.layers:
-            tensors += [layer.input_norm, layer.post_attention_norm, layer.attention.qkv.data, layer.attention.o.data]
+            tensors += [layer.input_norm, layer.post_attention_norm]
+            linears += [layer.attention.qkv, layer.attention.o]
             mlp = layer.mlp
             if isinstance(mlp, SparseMoe):
-                tensors += [mlp.gate] + [w.data for w in mlp.w13 + mlp.w2 if w is not None]
+                tensors.append(mlp.gate)
+                linears += [w for w in mlp.w13 + mlp.w2 if w is not None]
             else:
-                tensors += [mlp.w13.data, mlp.w2.data]
-        return sum(t.numel() * t.element_size() for t in tensors)
+                linears += [mlp.w13, mlp.w2]
+        return sum(t.numel() * t.element_size() for t in tensors) + sum(w.nbytes for w in linears)
 
     @torch.inference_mode()
     def forward(

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
-from .loader import ShardSpec, load_model
+from .loader import ShardSpec, WeightFormat, load_model
 from .model import AllReduce, no_all_reduce
 from .model_inputs import build_model_inputs
 from .sampler import sample_step
@@ -41,11 +41,11 @@ class ModelRunner:
         all_reduce: AllReduce = no_all_reduce,
         device: str = "cpu",
         show_progress: bool = False,
-        linear_kernel: str = "auto",
+        weights: WeightFormat = WeightFormat(),
     ):
         self.config = config
         self.cache = cache
-        self.model = load_model(model_path, config, dtype, shard, all_reduce, device, show_progress, linear_kernel)
+        self.model = load_model(model_path, config, dtype, shard, all_reduce, device, show_progress, weights)
         kv_heads = config.num_kv_heads // shard.world_size
         slots = cache.num_blocks * cache.block_size
         # [layers, K/V, Kr, S, Dh]

@@ -10,7 +10,7 @@ import torch
 
 from .communicator import CupyNcclCommunicator, GlooCommunicator, free_rendezvous_address
 from .config import DTYPES, ModelConfig
-from .loader import ShardSpec
+from .loader import ShardSpec, WeightFormat
 from .model_inputs import build_model_inputs
 from .model_runner import CacheShape, ModelRunner
 from .model_source import resolve_model
@@ -47,13 +47,13 @@ class RankWorker:
             raise ValueError(f"unknown communicator backend {backend!r}")
 
     def load(self, model_path: str, config: ModelConfig, dtype: str, cache: CacheShape, device: str,
-             expert_parallel: bool = False, linear_kernel: str = "auto") -> int:
+             expert_parallel: bool = False, weights: WeightFormat = WeightFormat()) -> int:
         """Load this rank's shard and allocate its KV cache; returns its weight bytes."""
         all_reduce = self.communicator.all_reduce if self.communicator else (lambda x: x)
         shard = ShardSpec(self.rank, self.world_size, expert_parallel)
         self.runner = ModelRunner(
             resolve_model(model_path), config, DTYPES[dtype], cache, shard, all_reduce,
-            device="cuda" if device == "cuda" else "cpu", linear_kernel=linear_kernel,
+            device="cuda" if device == "cuda" else "cpu", weights=weights,
         )
         return self.weight_bytes()
 

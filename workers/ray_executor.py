@@ -18,6 +18,7 @@ from ray.util.placement_group import get_current_placement_group, placement_grou
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .config import ModelConfig
+from .loader import WeightFormat
 from .model_runner import CacheShape
 from .rank_worker import RankWorker
 from .step_input import StepInput, StepOutput
@@ -47,7 +48,7 @@ class RayExecutor:
         placement: PlacementSpec,
         device: str = "cpu",
         expert_parallel: bool = False,
-        linear_kernel: str = "auto",
+        weights: WeightFormat = WeightFormat(),
         start_timeout_s: float = 300.0,
         step_timeout_s: float = 600.0,
     ):
@@ -87,7 +88,7 @@ class RayExecutor:
             self._wait_all([w.init_communicator.remote(backend, rendezvous, start_timeout_s) for w in self.workers],
                            start_timeout_s)
             self.rank_weight_bytes = self._wait_all(
-                [w.load.remote(model_path, config, dtype, cache, device, expert_parallel, linear_kernel)
+                [w.load.remote(model_path, config, dtype, cache, device, expert_parallel, weights)
                  for w in self.workers],
                 start_timeout_s,
             )

@@ -53,3 +53,14 @@ def test_mixserve_serve_refuses_before_starting_ray(tiny_checkpoint):
     assert "KV cache:" in done.stdout and "the model does not fit" in done.stderr
     assert "Traceback" not in done.stderr and "Ray" not in done.stdout + done.stderr
     assert time.monotonic() - started < 30
+
+
+def test_mixtral_8x7b_in_int4_takes_at_most_27_gb_and_int8_about_half_of_bf16():
+    """From the shapes alone: 4-bit codes + a bf16 scale and zero per 64 weights for every attention
+    and expert weight; embedding and LM head stay bf16."""
+    bf16 = size_deployment(ServeSettings(dtype="bfloat16", device="cuda"), MIXTRAL_8X7B).weight_bytes_per_rank
+    int8 = size_deployment(ServeSettings(dtype="bfloat16", device="cuda", quantization="int8"), MIXTRAL_8X7B)
+    int4 = size_deployment(ServeSettings(dtype="bfloat16", device="cuda", quantization="int4"), MIXTRAL_8X7B)
+    assert int4.weight_bytes_per_rank <= 27e9 and int4.weight_bytes_per_rank / bf16 <= 0.3
+    assert 0.49 <= int8.weight_bytes_per_rank / bf16 <= 0.51
+    assert "int4 (group 64)" in int4.lines()[0]

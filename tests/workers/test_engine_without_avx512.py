@@ -15,6 +15,7 @@ import sys
 import torch
 
 from mixserve.workers.config import load_model_config
+from mixserve.workers.loader import WeightFormat
 from mixserve.workers.model_runner import CacheShape, ModelRunner
 
 from .test_engine_matches_transformers import _logits_prefill_then_decode
@@ -63,7 +64,7 @@ def test_bfloat16_runs_on_reference_kernels_and_auto_takes_float32_without_avx51
 
     bf16 = torch.load(out)
     runner = ModelRunner(tiny_checkpoint, load_model_config(tiny_checkpoint), torch.float32, CacheShape(16, 16),
-                         linear_kernel="reference")
+                         weights=WeightFormat(linear_kernel="reference"))
     f32_prefill, f32_decode = _logits_prefill_then_decode(runner, prompt, 7)
     for ours, exact in ((bf16["prefill"], f32_prefill), (bf16["decode"], f32_decode)):
         scale = exact.abs().max()

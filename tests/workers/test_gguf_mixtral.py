@@ -8,6 +8,7 @@ import torch
 
 from mixserve.workers.config import CheckpointError, load_model_config
 from mixserve.workers.loader import load_model
+from mixserve.workers.loader import WeightFormat
 from mixserve.workers.model_runner import CacheShape, ModelRunner
 from mixserve.workers.tokenizer import Tokenizer
 from tests.gguf_writer import write_gguf
@@ -22,7 +23,8 @@ K_SHAPE = dict(hidden=256, intermediate=256, layers=2, heads=4, kv_heads=2, head
 
 
 def _logits(path, prompt):
-    runner = ModelRunner(path, load_model_config(path), torch.float32, CacheShape(16, 16), linear_kernel="reference")
+    runner = ModelRunner(path, load_model_config(path), torch.float32, CacheShape(16, 16),
+                         weights=WeightFormat(linear_kernel="reference"))
     return _logits_prefill_then_decode(runner, prompt, 5)
 
 
