@@ -38,17 +38,20 @@ def _figure(tokens: int, total: float, **extra) -> dict:
             **extra}
 
 
-def bench_mixserve(model: str, workload: OfflineWorkload, dtype: str = "auto", linear_kernel: str = "auto",
+def bench_mixserve(model: str, workload: OfflineWorkload, dtype: str = "auto", weights=None,
                    one_at_a_time: int = 0, max_num_batched_tokens: int = 2048) -> dict:
     """The batch figure, and under "one_at_a_time" the sequential one when asked for; "dtype" is
     the dtype the engine computes in (auto resolved), "kernels" its kernel report."""
     from mixserve.workers.engine import LLMEngine
     from mixserve.workers.engine_config import EngineConfig
+    from mixserve.workers.loader import WeightFormat
     from mixserve.workers.sampling_params import SamplingParams
 
+    weights = weights or WeightFormat()
     per_seq = workload.input_len + workload.output_len
     engine = LLMEngine(EngineConfig(
-        model=model, dtype=dtype, linear_kernel=linear_kernel, max_num_seqs=max(workload.num_prompts, 1),
+        model=model, dtype=dtype, linear_kernel=weights.linear_kernel, quantization=weights.quantization,
+        quantization_group_size=weights.group_size, max_num_seqs=max(workload.num_prompts, 1),
         max_num_batched_tokens=max_num_batched_tokens,
         kv_cache_bytes=max(64 << 20, 2 * per_seq * workload.num_prompts * 16 << 10),
         enable_prefix_caching=False,
@@ -60,7 +63,8 @@ def bench_mixserve(model: str, workload: OfflineWorkload, dtype: str = "auto", l
         start = time.perf_counter()
         results = engine.generate(prompts, params)
         total = time.perf_counter() - start
-        result = {"engine": "mixserve", "dtype": engine.dtype_choice.name, "linear_kernel": linear_kernel,
+        result = {"engine": "mixserve", "dtype": engine.dtype_choice.name, "linear_kernel": weights.linear_kernel,
+                  "quantization": weights.quantization, "weight_bytes": engine.weight_bytes(),
                   **_figure(sum(len(r.outputs[0].token_ids) for r in results), total), "steps": engine.stats.steps}
         if one_at_a_time > 0:
             alone = prompts[:one_at_a_time]
@@ -94,7 +98,7 @@ def bench_transformers(model: str, workload: OfflineWorkload, dtype: str,
 
 
 def run_offline_bench(model: str, workload: OfflineWorkload, dtype: str = "auto", compare_transformers: bool = False,
-                      linear_kernel: str = "auto", one_at_a_time: int = 0) -> dict:
+                      weights=None, one_at_a_time: int = 0) -> dict:
     """Run the benchmark(s), print the CPU and a line per figure, and return the summary (printed
     last as JSON)."""
     from mixserve.kernels.capability import cpu_capability
@@ -102,8 +106,9 @@ def run_offline_bench(model: str, workload: OfflineWorkload, dtype: str = "auto"
     cpu = cpu_capability()
     print(f"cpu: {cpu.line()}", flush=True)
     load_before = os.getloadavg()[0]
-    ours = bench_mixserve(model, workload, dtype, linear_kernel, one_at_a_time)
-    print(f"mixserve ({ours['dtype']}): {ours['output_tokens_per_s']} output tok/s ({ours['total_s']} s)", flush=True)
+    ours = bench_mixserve(model, workload, dtype, weights, one_at_a_time)
+    print(f"mixserve ({ours['dtype']}, weights {ours['quantization']}, {ours['weight_bytes'] / 2**30:.2f} GiB): "
+          f"{ours['output_tokens_per_s']} output tok/s ({ours['total_s']} s)", flush=True)
     if "one_at_a_time" in ours:
         alone = ours["one_at_a_time"]
         print(f"mixserve ({ours['dtype']}), {alone['prompts']} prompts one at a time: "

@@ -24,7 +24,16 @@ import torch
 import torch.nn.functional as F
 
 from .capability import CpuCapability, cpu_capability
-from .quantize import dequantize_int4, dequantize_int8, pack_int4, quantize_int4, quantize_int8, unpack_int4
+from .quantize import (
+    dequantize_int4,
+    dequantize_int8,
+    int4_block_rows,
+    int4_fits,
+    pack_int4,
+    quantize_int4,
+    quantize_int8,
+    unpack_int4,
+)
 
 LINEAR_KERNELS = ("reference", "onednn", "int8", "int4")
 INT_KERNEL_MAX_ROWS = 1  # weight-only int kernels for a single bf16 row; dequantize + dense above it
@@ -69,6 +78,9 @@ def pack_weight(weight: torch.Tensor, kernel: str = "reference", group_size: int
         codes, scales = quantize_int8(weight)
         return LinearWeight(codes, out_features, in_features, "int8", scales.to(weight.dtype))
     if kernel == "int4":
+        if not int4_fits(tuple(weight.shape), group_size):
+            raise ValueError(f"int4 needs the input size a multiple of the group size and the output size a multiple "
+                             f"of {int4_block_rows()} rows here; got {tuple(weight.shape)}, group {group_size}")
         codes, scales_zeros = quantize_int4(weight, group_size)
         data = pack_int4(codes) if on_cpu else codes
         return LinearWeight(data, out_features, in_features, "int4", scales_zeros.to(weight.dtype), group_size)

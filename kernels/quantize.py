@@ -6,8 +6,9 @@ Schemes (the weight is [N, K] = [out, in]; activations stay in the model's dtype
 - "int4": asymmetric per group of `group_size` input columns: q = round((w - min) / s) in [0, 15],
   s = (max - min) / 15; torch's int4 convention is w = (q - 8) * s + z, so z = min + 8 s. Run by
   `aten._weight_int4pack_mm_for_cpu(x, pack(q), group_size, scales_zeros[K/G, N, 2])`. Needs K a
-  multiple of the group size (32, 64, 128 or 256) and N a multiple of 64 (whole blocks of torch's
-  packed layout, which `unpack_int4` reads back); a weight that is not becomes int8 instead.
+  multiple of the group size (32, 64, 128 or 256) and N a multiple of torch's packing block (64 rows
+  with AVX-512, 32 with AVX2: `int4_block_rows`, found by probing the packer once), whose layout
+  `unpack_int4` reads back; a weight that does not fit becomes int8 instead.
 When to run the weight-only kernels and when to dequantize for a dense matmul is kernels/linear.py's
 rule.
 """
@@ -22,7 +23,8 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 def int4_fits(weight_shape: tuple[int, int], group_size: int) -> bool:
     n, k = weight_shape
-    return group_size in INT4_GROUP_SIZES and k % group_size == 0 and n % 64 == 0 and _int4_layout_known()
+    rows = int4_block_rows()
+    return rows is not None and group_size in INT4_GROUP_SIZES and k % group_size == 0 and n % rows == 0
 
 
 def scheme_for(weight_shape: tuple[int, int], quantization: str, group_size: int) -> str:
@@ -70,20 +72,30 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
 
 
-def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """The inverse of `pack_int4` for N a multiple of 64: torch stores blocks of 64 output rows as
-    [K, 32] bytes, the low nibbles holding the block's first 32 rows, the high nibbles the next 32.
-    packed: uint8 [N, K/2] -> codes int32 [N, K]."""
-    blocks = packed.reshape(n // 64, k, 32)
-    rows = torch.cat([blocks & 0xF, blocks >> 4], dim=-1)  # [N/64, K, 64]
+def _unpack(packed: torch.Tensor, n: int, k: int, block: int) -> torch.Tensor:
+    """torch stores each block of `block` output rows as [K, block/2] bytes, the low nibbles holding
+    the block's first half of the rows, the high nibbles the second half."""
+    blocks = packed.reshape(n // block, k, block // 2)
+    rows = torch.cat([blocks & 0xF, blocks >> 4], dim=-1)  # [N/block, K, block]
     return rows.permute(0, 2, 1).reshape(n, k).int()
 
 
+def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The inverse of `pack_int4` (N a multiple of int4_block_rows()). packed: uint8 [N, K/2] ->
+    codes int32 [N, K]."""
+    return _unpack(packed, n, k, int4_block_rows())
+
+
 @functools.cache
-def _int4_layout_known() -> bool:
-    """That `unpack_int4` reads this torch build's packing back (checked once on a probe)."""
+def int4_block_rows() -> int | None:
+    """Rows per block of this torch build's CPU int4 packing on this CPU, found by packing a probe of
+    several blocks and reading it back; None (int4 unavailable) when no known layout matches."""
     try:
-        probe = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
-        return torch.equal(unpack_int4(pack_int4(probe), 128, 64), probe)
+        probe = torch.randint(0, 16, (192, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+        packed = pack_int4(probe)
     except (RuntimeError, AttributeError):
-        return False
+        return None
+    for block in (64, 32, 16):
+        if torch.equal(_unpack(packed, 192, 64, block), probe):
+            return block
+    return None

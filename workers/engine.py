@@ -245,5 +245,9 @@ class LLMEngine:
         return {"cpu": cpu.summary(), "dtype": self.dtype_choice.name, "dtype_reason": self.dtype_choice.reason,
                 "linear_kernels": self.executor.kernel_report()}
 
+    def weight_bytes(self) -> int:
+        """Bytes of the weights one rank holds."""
+        return self.executor.weight_bytes()
+
     def shutdown(self) -> None:
         self.executor.shutdown()

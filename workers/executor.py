@@ -19,6 +19,9 @@ class Executor(Protocol):
     def kernel_report(self) -> dict[str, str]:
         """Linear weight shape -> the kernel chosen for it at load (rank 0's choices)."""
 
+    def weight_bytes(self) -> int:
+        """Bytes of the weights one rank holds (rank 0's), quantized codes and scales included."""
+
     def shutdown(self) -> None: ...
 
 
@@ -36,6 +39,9 @@ class LocalExecutor:
 
     def kernel_report(self) -> dict[str, str]:
         return dict(self.runner.model.kernel_report)
+
+    def weight_bytes(self) -> int:
+        return self.runner.model.weight_bytes()
 
     def shutdown(self) -> None:
         self.runner = None

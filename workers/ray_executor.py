@@ -118,6 +118,9 @@ class RayExecutor:
         """Full logits from rank 0 (every rank runs the forward)."""
         return self._wait_all([w.logits.remote(step) for w in self.workers], self.step_timeout_s)[0]
 
+    def weight_bytes(self) -> int:
+        return self.rank_weight_bytes[0]
+
     def kernel_report(self) -> dict[str, str]:
         return self._wait_all([self.workers[0].kernel_report.remote()], 30.0)[0]
 

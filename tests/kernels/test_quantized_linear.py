@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from mixserve.kernels.linear import linear, pack_weight
 from mixserve.kernels.quantize import (
     dequantize_int4,
+    int4_block_rows,
     dequantize_int8,
     int4_fits,
     quantize_int4,
@@ -71,11 +72,15 @@ def test_codes_are_within_half_a_step_of_the_weights(weights):
     assert ((dequantize_int4(codes4, scales_zeros, 32) - w).abs() <= step / 2 + 1e-6).all()
 
 
-def test_int4_needs_whole_groups_and_16_output_rows_else_int8():
+def test_int4_needs_whole_groups_and_whole_packing_blocks_else_int8():
+    """torch packs int4 in blocks of 64 output rows with AVX-512 and 32 with AVX2 (probed once)."""
+    assert int4_block_rows() in (16, 32, 64)
     assert int4_fits((4096, 14336), 64) and int4_fits((64, 128), 128)
     assert not int4_fits((4096, 100), 64) and not int4_fits((24, 128), 64) and not int4_fits((64, 128), 48)
     assert scheme_for((24, 128), "int4", 64) == "int8" and scheme_for((64, 128), "int4", 64) == "int4"
     assert scheme_for((24, 128), "int8", 64) == "int8" and scheme_for((24, 128), "none", 64) == "none"
+    with pytest.raises(ValueError, match="int4 needs"):
+        pack_weight(torch.zeros(24, 128), "int4")
 
 
 def test_quantized_weights_take_a_half_and_a_quarter_of_bfloat16_bytes(weights):
