@@ -36,15 +36,9 @@ def demo_model() -> str:
 
 
 def resolve_model(settings: ServeSettings) -> str:
-    """The checkpoint as given (a folder, .gguf file or hub id, which every process resolves on its own
-    node), or the demo model. A hub id is resolved here first, so that a repository that cannot be had
-    fails before any actor starts (and, downloaded once, later processes on this node find it cached)."""
-    if not settings.model:
-        return demo_model()
-    from ..workers.model_source import resolve_model as resolve_source
-
-    resolve_source(settings.model, show_progress=True)
-    return settings.model
+    """The checkpoint as given (a folder, .gguf file or hub id, which every process that opens it
+    resolves on its own node), or the demo model."""
+    return settings.model or demo_model()
 
 
 def _model_name(model: str) -> str:

@@ -12,6 +12,8 @@ import ray
 from ray import serve
 from ray.serve.config import HTTPOptions, gRPCOptions
 
+from mixserve.workers.model_source import resolve_model as resolve_source
+
 from .app import build_app, resolve_model
 from .ray_start import init_ray
 from .settings import ServeSettings
@@ -22,7 +24,9 @@ GRPC_SERVICER = "mixserve.router.generate_pb2_grpc.add_GenerateServiceServicer_t
 
 def start_serve(settings: ServeSettings) -> str:
     """Deploy and wait until /health answers; returns the base URL."""
-    report_sizing(settings, resolve_model(settings))  # a model that cannot be had or fit fails before Ray starts
+    # Resolved once here (a hub id downloads with a progress bar): a model that cannot be had or cannot
+    # fit fails before Ray starts, and the replicas on this node then find it in the hub cache.
+    report_sizing(settings, resolve_source(resolve_model(settings), show_progress=True))
     # A local head gets at least the logical CPUs the app asks for (Ray CPUs are scheduling units;
     # torch threads are set by --threads), so `--replica-cpus 2` on a 2-core laptop still starts.
     needed = settings.cpus_needed()
@@ -41,14 +45,14 @@ def start_serve(settings: ServeSettings) -> str:
     return url
 
 
-def report_sizing(settings: ServeSettings, model: str) -> None:
-    """Print what the model needs; on a local CPU head refuse a deployment this machine cannot hold."""
+def report_sizing(settings: ServeSettings, model_path) -> None:
+    """Print what the model at `model_path` (resolved) needs; on a local CPU head refuse a deployment
+    this machine cannot hold."""
     from mixserve.workers.config import load_model_config
-    from mixserve.workers.model_source import resolve_model as resolve_source
 
     from .sizing import check_fits, size_deployment
 
-    sizing = size_deployment(settings, load_model_config(resolve_source(model)))
+    sizing = size_deployment(settings, load_model_config(model_path))
     for line in sizing.lines():
         print(line, flush=True)
     if settings.address is None and settings.device == "cpu":

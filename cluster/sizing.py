@@ -4,16 +4,22 @@ size the deployment from the model's own numbers).
 Rule: one tensor-parallel rank holds its share of the weights in the engine's dtype (as
 workers/dtype_choice.py picks it; a tied LM head is a second copy of the embedding) plus its KV
 cache (`kv_cache_bytes`). On CPU every rank of every replica started at once must fit in
-`budget_fraction` (90%) of the memory this machine has available now, or `mixserve serve` refuses
-with a message that names the numbers and what to change; on a joined cluster (other nodes may
-hold the replicas) and on CUDA it only reports.
+`budget_fraction` of the memory this machine has available now (workers/dtype_choice.py's
+MEMORY_BUDGET_FRACTION, 90%: the budget `--dtype auto` also sizes float32 against), or
+`mixserve serve` refuses with a message that names the numbers and what to change; on a joined
+cluster (other nodes may hold the replicas) and on CUDA it only reports.
 """
 
 from dataclasses import dataclass
 
 from mixserve.kernels.quantize import scheme_for
 from mixserve.workers.config import ModelConfig
-from mixserve.workers.dtype_choice import available_memory_bytes, choose_dtype, weight_elements_per_rank
+from mixserve.workers.dtype_choice import (
+    MEMORY_BUDGET_FRACTION,
+    available_memory_bytes,
+    choose_dtype,
+    weight_elements_per_rank,
+)
 from mixserve.workers.model_runner import kv_bytes_per_block
 
 from .settings import ServeSettings
@@ -94,7 +100,7 @@ def size_deployment(settings: ServeSettings, config: ModelConfig) -> Sizing:
     )
 
 
-def check_fits(sizing: Sizing, available: int | None = None, budget_fraction: float = 0.9) -> None:
+def check_fits(sizing: Sizing, available: int | None = None, budget_fraction: float = MEMORY_BUDGET_FRACTION) -> None:
     """Raise DoesNotFitError when the ranks cannot fit in this machine's available memory."""
     available = available_memory_bytes() if available is None else available
     if available is None:

@@ -48,10 +48,6 @@ class CpuCapability:
         """bf16 matmuls run in hardware (so bf16 is the faster dtype, not only the smaller)."""
         return bool({"avx512_bf16", "amx_bf16", "avx_ne_convert"} & self.flags)
 
-    @property
-    def vector_width(self) -> str:
-        return "avx512" if "avx512f" in self.flags else "avx2" if "avx2" in self.flags else "scalar"
-
     def summary(self) -> dict:
         """For logs and benchmark JSON: model, ISA and each reported flag as a bool."""
         out = asdict(self)

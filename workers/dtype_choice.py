@@ -8,8 +8,8 @@ Rule:
    math (kernels/capability.py: avx512_bf16, AMX or avx_ne_convert): half the bytes to stream and
    hardware matmuls. Without it 16-bit math is emulated at about half of float32's speed (AVX2
    EPYC, mini: vLLM 74 vs 36 tok/s, transformers 35 vs 14), so float32 is chosen when this rank's
-   float32 weights plus its KV cache fit in `memory_budget` (default: 90% of the memory available
-   now); otherwise the checkpoint's dtype, which needs half the memory.
+   float32 weights plus its KV cache fit in `memory_budget` (default: `machine_memory_budget`, 90% of
+   the memory available now); otherwise the checkpoint's dtype, which needs half the memory.
 Every choice comes with a sentence saying why, for the start-up log and the benchmark JSON.
 """
 
@@ -40,6 +40,15 @@ def weight_elements_per_rank(config: ModelConfig, world_size: int = 1) -> int:
     replicated_per_layer = 2 * d + config.num_experts * d
     per_layer = (attention + mlp) // world_size + replicated_per_layer
     return config.num_layers * per_layer + 2 * config.vocab_size * d + d
+
+
+MEMORY_BUDGET_FRACTION = 0.9  # of the memory available now: what one machine's ranks may take
+
+
+def machine_memory_budget() -> int | None:
+    """Bytes this machine's engines may use: MEMORY_BUDGET_FRACTION of MemAvailable (None if unknown)."""
+    available = available_memory_bytes()
+    return int(available * MEMORY_BUDGET_FRACTION) if available is not None else None
 
 
 def available_memory_bytes() -> int | None:
@@ -74,12 +83,12 @@ def choose_dtype(
     if cap.native_bf16:
         return DtypeChoice(DTYPES[stored], f"the checkpoint's dtype ({stored}): this CPU has native bf16 math")
     need = weight_elements_per_rank(config, world_size) * 4 + kv_cache_bytes
-    if memory_budget is None:
-        available = available_memory_bytes()
-        memory_budget = int(available * 0.9) if available is not None else need
-    if need <= memory_budget:
+    budget = memory_budget if memory_budget is not None else machine_memory_budget()
+    if budget is None:
+        budget = need
+    if need <= budget:
         return DtypeChoice(torch.float32, f"float32 instead of the checkpoint's {stored}: this CPU has no native "
                            f"bf16 math, and float32 weights + KV cache ({need / 2**30:.2f} GiB) fit the memory "
-                           f"budget ({memory_budget / 2**30:.2f} GiB)")
+                           f"budget ({budget / 2**30:.2f} GiB)")
     return DtypeChoice(DTYPES[stored], f"the checkpoint's dtype ({stored}): float32 weights + KV cache "
-                       f"({need / 2**30:.2f} GiB) would not fit the memory budget ({memory_budget / 2**30:.2f} GiB)")
+                       f"({need / 2**30:.2f} GiB) would not fit the memory budget ({budget / 2**30:.2f} GiB)")
