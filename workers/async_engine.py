@@ -19,6 +19,8 @@ import threading
 from collections.abc import AsyncIterator
 from itertools import count
 
+import torch
+
 from .engine import LLMEngine
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
@@ -107,6 +109,11 @@ class AsyncLLMEngine:
     # ---- the engine thread ------------------------------------------------------------------
 
     def _engine_loop(self) -> None:
+        # OpenMP keeps its thread count per thread: a new thread starts from OMP_NUM_THREADS (Ray
+        # sets 1 in its actors), whatever torch.set_num_threads said in the thread that built the
+        # engine, and oneDNN's matmuls then run on one core while torch.get_num_threads() still
+        # reports the process's count. Re-applying it here gives the engine thread that count.
+        torch.set_num_threads(torch.get_num_threads())
         while not self._stopped:
             self._wake.clear()
             self._run_inbox()

@@ -110,3 +110,35 @@ def test_a_slow_reader_gets_missed_reports_folded_into_one(tiny_checkpoint):
     assert tokens == expected.token_ids and text == expected.text
     assert items < len(tokens)
     engine.shutdown()
+
+
+_ENGINE_THREAD_OPENMP = """
+import asyncio, ctypes, sys
+import torch
+from mixserve.workers.async_engine import AsyncLLMEngine
+from tests.workers.engine_helpers import make_engine
+
+torch.set_num_threads(2)
+libgomp = next(line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line)
+omp_get_max_threads = ctypes.CDLL(libgomp).omp_get_max_threads
+engine = AsyncLLMEngine(make_engine(sys.argv[1]))
+print(asyncio.run(engine.call(omp_get_max_threads)))
+engine.shutdown()
+"""
+
+
+def test_engine_thread_runs_openmp_with_the_process_thread_count(tiny_checkpoint):
+    """Ray starts actors with OMP_NUM_THREADS=1; OpenMP's count is per thread, so an engine thread
+    that did not re-apply torch's count ran every oneDNN matmul on one core (served decode 2x slower)."""
+    import os
+    import subprocess
+    import sys
+
+    if not any("libgomp" in line for line in open("/proc/self/maps")):
+        pytest.skip("this torch build does not use GNU OpenMP")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", _ENGINE_THREAD_OPENMP, str(tiny_checkpoint)], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(
+                              os.path.dirname(os.path.abspath(__file__)))))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "2"
