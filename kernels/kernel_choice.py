@@ -16,20 +16,32 @@ Rule:
 4. `mode` other than "auto" forces a kernel (tests, benchmarks, `--linear-kernel`); a forced kernel
    the machine cannot run falls back to the reference with a warning.
 Cost: a few milliseconds per distinct shape (mini: 5 shapes, ~0.1 s).
+
+Weight-only quantized weights (int8/int4) have one more choice, per row count: PyTorch's weight-only
+kernel or dequantize + one dense matmul (kernels/linear.py). `int_kernel_max_rows` times both at
+INT_ROWS on the weight itself, interleaved as above, and keeps the kernel for every row count up to
+the first one at which dequantizing is faster (the kernel's cost grows with rows, dequantizing's
+barely does); remembered per (device, scheme, group, activation dtype, out, in). Cost: up to ~2 s per distinct
+Mixtral-sized int4 shape (the dequantize side is the slow one).
 """
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from .linear import LinearWeight, linear, linear_kernels_for, pack_weight
+import torch.nn.functional as F
+
+from .linear import LinearWeight, dequantized, linear, linear_kernels_for, pack_weight
 
 log = logging.getLogger(__name__)
 
 KERNEL_MODES = ("auto", "reference", "onednn")
 _CHOSEN: dict[tuple, "Choice"] = {}
+INT_ROWS = (1, 8, 32, 128, 512)  # a sequence, an expert's decode share, decode batches, prefill chunks
+_INT_MAX_ROWS: dict[tuple, int] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,3 +119,38 @@ class LinearKernelChooser:
             self.report[name] = choice.describe()
             log.info("linear %s: %s", name, self.report[name])
         return packed if packed is not None else pack_weight(weight, choice.kernel)
+
+
+def int_kernel_max_rows(weight: LinearWeight, rows: tuple[int, ...] = INT_ROWS, repeats: int = 3) -> int:
+    """The most rows for which `weight`'s weight-only kernel beats dequantize + matmul here (0: never);
+    sets weight.kernel_max_rows. Timed once per (device, scheme, group, dtype, shape)."""
+    dtype, device = weight.scales.dtype, weight.data.device
+    key = (str(device), weight.kernel, weight.group_size, dtype, weight.out_features, weight.in_features)
+    if key not in _INT_MAX_ROWS:
+        if device.type != "cpu":
+            _INT_MAX_ROWS[key] = 0
+        else:
+            g = torch.Generator().manual_seed(0)
+            inputs = [torch.randn(r, weight.in_features, generator=g).to(dtype) for r in rows]
+            kernel_only = dataclasses.replace(weight, kernel_max_rows=max(rows))
+            ways = {"kernel": lambda x: linear(x, kernel_only),
+                    "dequantize": lambda x: F.linear(x, dequantized(weight, dtype))}
+            best = {(way, i): float("inf") for way in ways for i in range(len(rows))}
+            for _ in range(repeats + 1):  # the first round warms up and is timed too (min keeps the best)
+                for way, run in ways.items():
+                    for i, x in enumerate(inputs):
+                        start = time.perf_counter()
+                        run(x)
+                        best[way, i] = min(best[way, i], time.perf_counter() - start)
+            max_rows = 0
+            for i, r in enumerate(rows):
+                if best["kernel", i] > best["dequantize", i]:
+                    break
+                max_rows = r
+            _INT_MAX_ROWS[key] = max_rows
+            log.info("%s %dx%d %s: weight-only kernel up to %d rows (kernel %s ms, dequantize %s ms at rows %s)",
+                     weight.kernel, weight.out_features, weight.in_features, dtype, max_rows,
+                     [round(best["kernel", i] * 1e3, 3) for i in range(len(rows))],
+                     [round(best["dequantize", i] * 1e3, 3) for i in range(len(rows))], list(rows))
+    weight.kernel_max_rows = _INT_MAX_ROWS[key]
+    return weight.kernel_max_rows

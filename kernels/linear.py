@@ -9,12 +9,14 @@
   Results equal the reference's up to float rounding order (bit-identical in bfloat16 on the
   machines measured; tests/kernels/test_linear.py).
 - "int8" / "int4": weight-only quantized codes (kernels/quantize.py). Rule: PyTorch's own
-  `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` run when the activations are bfloat16 on CPU
-  and there are at most INT_KERNEL_MAX_ROWS rows; otherwise the codes are dequantized to the
-  activations' dtype for one dense `F.linear`. Measured on an AVX-512 bf16 EPYC (7168x1024 weight,
-  bf16): 1 row int8 0.15 / int4 0.12 ms vs oneDNN bf16 0.17 ms, but 8 rows 0.38 vs 0.18 ms and 1024
-  rows 47 vs 20 ms; with float32 activations the weight-only kernels ran at 3-6 GFLOP/s (a generic
-  path), 20-50x slower than dequantize + matmul. So quantization here is for memory first.
+  `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` run on CPU for up to the weight's
+  `kernel_max_rows` rows; above it the codes are dequantized to the activations' dtype for one dense
+  `F.linear`. The crossover depends on the CPU, the activations' dtype and the shape, so it is timed
+  at load (kernels/kernel_choice.py `int_kernel_max_rows`). Measured on CPU class [avx2 avx512_bf16
+  avx512f] (5632x1024, bf16 activations): int8 kernel 0.10 / 0.28 / 1.1 / 4.4 ms at 1 / 8 / 32 / 128
+  rows vs dequantize + matmul 0.92 / 1.0 / 1.3 / 2.3 ms; int4 kernel 0.08 / 0.27 / 1.0 / 4.2 / 16 ms
+  at 1 / 8 / 32 / 128 / 512 rows vs 17-21 ms (unpacking torch's int4 layout dominates). With float32
+  activations the weight-only kernels run a generic path (3-6 GFLOP/s) and lose at every row count.
 Which kernel each weight gets is kernels/kernel_choice.py's rule (quantization is asked for).
 """
 
@@ -36,7 +38,6 @@ from .quantize import (
 )
 
 LINEAR_KERNELS = ("reference", "onednn", "int8", "int4")
-INT_KERNEL_MAX_ROWS = 1  # weight-only int kernels for a single bf16 row; dequantize + dense above it
 PACK_BATCH_HINT = 8  # rows oneDNN picks its weight layout for: a decode expert's batch
 
 
@@ -50,6 +51,7 @@ class LinearWeight:
     kernel: str = "reference"
     scales: torch.Tensor | None = None  # int8: [N]; int4: scales and zeros [K/G, N, 2] (activation dtype)
     group_size: int = 0  # int4 only
+    kernel_max_rows: int = 0  # int8/int4 on CPU: most rows run by the weight-only kernel (else dequantize)
 
     @property
     def nbytes(self) -> int:
@@ -73,17 +75,16 @@ def linear_kernels_for(dtype: torch.dtype, device: torch.device | str, cap: CpuC
 def pack_weight(weight: torch.Tensor, kernel: str = "reference", group_size: int = 64) -> LinearWeight:
     """weight: [out, in] -> LinearWeight for `kernel` (one of linear_kernels_for(...), or int8/int4)."""
     out_features, in_features = weight.shape
-    on_cpu = weight.device.type == "cpu"
     if kernel == "int8":
         codes, scales = quantize_int8(weight)
-        return LinearWeight(codes, out_features, in_features, "int8", scales.to(weight.dtype))
+        return LinearWeight(codes, out_features, in_features, "int8", scales.to(weight.dtype),
+                            kernel_max_rows=_untimed_kernel_rows(weight.dtype))
     if kernel == "int4":
         if not int4_fits(tuple(weight.shape), group_size):
             raise ValueError(f"int4 needs the input size a multiple of the group size and the output size a multiple "
                              f"of {int4_block_rows()} rows here; got {tuple(weight.shape)}, group {group_size}")
         codes, scales_zeros = quantize_int4(weight, group_size)
-        data = pack_int4(codes) if on_cpu else codes
-        return LinearWeight(data, out_features, in_features, "int4", scales_zeros.to(weight.dtype), group_size)
+        return int4_weight(codes, scales_zeros, group_size, weight.dtype)
     if kernel == "onednn":
         data = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_BATCH_HINT)
     elif kernel == "reference":
@@ -93,12 +94,27 @@ def pack_weight(weight: torch.Tensor, kernel: str = "reference", group_size: int
     return LinearWeight(data, out_features, in_features, kernel)
 
 
+def int4_weight(codes: torch.Tensor, scales_zeros: torch.Tensor, group_size: int, dtype: torch.dtype) -> LinearWeight:
+    """codes int32 [N, K] in 0..15 and scales_zeros [K/G, N, 2] (kernels/quantize.py's int4) -> the
+    int4 LinearWeight, packed for torch's CPU kernel on CPU; scales in the activations' `dtype`."""
+    out_features, in_features = codes.shape
+    data = pack_int4(codes) if codes.device.type == "cpu" else codes
+    return LinearWeight(data, out_features, in_features, "int4", scales_zeros.to(dtype), group_size,
+                        kernel_max_rows=_untimed_kernel_rows(dtype))
+
+
+def _untimed_kernel_rows(dtype: torch.dtype) -> int:
+    """kernel_max_rows before kernels/kernel_choice.py times the crossover: one bf16 row (the weight-only
+    kernels are fast there on every CPU measured), none for float32 (a generic path)."""
+    return 1 if dtype == torch.bfloat16 else 0
+
+
 def linear(x: torch.Tensor, weight: LinearWeight) -> torch.Tensor:
     """x: [T, in] -> [T, out]."""
     if weight.kernel == "onednn":
         return torch.ops.mkldnn._linear_pointwise(x, weight.data, None, "none", [], "")
     if weight.kernel in ("int8", "int4"):
-        int_kernel = x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.shape[0] <= INT_KERNEL_MAX_ROWS
+        int_kernel = x.device.type == "cpu" and x.dtype == weight.scales.dtype and x.shape[0] <= weight.kernel_max_rows
         if int_kernel and weight.kernel == "int8":
             return torch.ops.aten._weight_int8pack_mm(x.contiguous(), weight.data, weight.scales)
         if int_kernel:

@@ -22,6 +22,8 @@ from .tensor_names import ROTARY_PERMUTED, gguf_names, interleaved_to_half
 
 _ARCHITECTURES = ("llama",)
 _CHUNK_BYTES = 4 << 20  # float32 bytes dequantized at once (numpy makes a few temporaries of this size)
+INT4_GGUF_GROUP = 32  # columns per Q4_0 / Q4_1 block
+_INT4_HEADER_BYTES = {"Q4_0": 2, "Q4_1": 4}  # f16 d (and f16 m) before a block's 16 bytes of nibbles
 
 
 def _reader(path: Path):
@@ -136,16 +138,20 @@ class GgufCheckpointReader:
         self.read_into(out, hf_name, expected_shape, rows, cols)
         return out
 
-    def read_into(self, out: torch.Tensor, hf_name: str, expected_shape: tuple[int, ...],
-                  rows: slice | None = None, cols: slice | None = None) -> None:
-        """Dequantize the tensor (or its rows/cols slice) into `out`, a row chunk at a time."""
+    def _raw_rows(self, hf_name: str, expected_shape: tuple[int, ...]):
+        """(GGUF name, tensor view, raw rows [rows, bytes or elements per row]) after checking the shape."""
         name, tensor, expert = self._find(hf_name)
         shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dimensions innermost first
         if expert is not None:
             shape = shape[1:]
         if shape != tuple(expected_shape):
             raise CheckpointError(f"GGUF tensor {name} has shape {list(shape)}, expected {list(expected_shape)}")
-        raw = tensor.data if expert is None else tensor.data[expert]  # [rows, bytes or elements per row]
+        return name, tensor, (tensor.data if expert is None else tensor.data[expert])
+
+    def read_into(self, out: torch.Tensor, hf_name: str, expected_shape: tuple[int, ...],
+                  rows: slice | None = None, cols: slice | None = None) -> None:
+        """Dequantize the tensor (or its rows/cols slice) into `out`, a row chunk at a time."""
+        name, tensor, raw = self._raw_rows(hf_name, expected_shape)
         if len(expected_shape) == 1:
             out.copy_(_as_tensor(_dequantize(np.asarray(raw), tensor.tensor_type, name)).reshape(-1))
             return
@@ -163,3 +169,32 @@ class GgufCheckpointReader:
                 part = interleaved_to_half(part, self.config.head_dim)
             out[start - first : stop - first].copy_(part)
 
+    def read_int4(self, hf_name: str, expected_shape: tuple[int, int], rows: slice | None = None,
+                  cols: slice | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A Q4_0 / Q4_1 weight (or its rows/cols slice) as int4 codes and scales, with no float copy of
+        it: codes int32 [n, k] in 0..15 and scales_zeros float32 [k/32, n, 2] in kernels/quantize.py's
+        convention w = (q - 8) * s + z, groups of INT4_GGUF_GROUP columns. Exact: Q4_0 (w = d (q - 8))
+        is s = d, z = 0; Q4_1 (w = d q + m) is s = d, z = m + 8 d. None for any other type (Q8_0's
+        per-32 scales have no per-channel int8 equivalent; K-quants nest scales in 256-column
+        super-blocks) and for a column slice that does not fall on 32-column blocks."""
+        name, tensor, raw = self._raw_rows(hf_name, expected_shape)
+        header = _INT4_HEADER_BYTES.get(tensor.tensor_type.name)
+        n, k = expected_shape
+        row_slice, col_slice = slice(*(rows or slice(None)).indices(n)), slice(*(cols or slice(None)).indices(k))
+        if header is None or col_slice.start % INT4_GGUF_GROUP or col_slice.stop % INT4_GGUF_GROUP:
+            return None
+        groups = slice(col_slice.start // INT4_GGUF_GROUP, col_slice.stop // INT4_GGUF_GROUP)
+        blocks = np.asarray(raw[row_slice]).reshape(-1, k // INT4_GGUF_GROUP, header + INT4_GGUF_GROUP // 2)
+        blocks = torch.from_numpy(np.array(blocks[:, groups]))  # [n, G, bytes per block], copied off the map
+        scales = blocks[..., 0:2].contiguous().view(torch.float16).float().squeeze(-1)  # [n, G]
+        if header == 4:  # Q4_1: d, m, nibbles
+            zeros = blocks[..., 2:4].contiguous().view(torch.float16).float().squeeze(-1) + 8 * scales
+        else:  # Q4_0: d, nibbles
+            zeros = torch.zeros_like(scales)
+        nibbles = blocks[..., header:]  # [n, G, 16]: low nibbles are a block's first 16 values
+        codes = torch.cat([nibbles & 0xF, nibbles >> 4], dim=-1).reshape(blocks.shape[0], -1).int()  # [n, k']
+        per_row = torch.stack([scales, zeros], dim=-1)  # [n, G, 2]
+        if ROTARY_PERMUTED.fullmatch(hf_name) is not None:
+            codes = interleaved_to_half(codes, self.config.head_dim)
+            per_row = interleaved_to_half(per_row.flatten(1), self.config.head_dim).view(per_row.shape)
+        return codes, per_row.transpose(0, 1).contiguous()  # [n, k'], [G, n, 2]

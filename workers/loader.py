@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..kernels.kernel_choice import LinearKernelChooser
-from ..kernels.linear import LinearWeight, pack_weight
-from ..kernels.quantize import QUANTIZATIONS, scheme_for
+from ..kernels.kernel_choice import LinearKernelChooser, int_kernel_max_rows
+from ..kernels.linear import LinearWeight, int4_weight, pack_weight
+from ..kernels.quantize import QUANTIZATIONS, int4_fits, scheme_for
 from ..kernels.rotary import rotary_table
 from .checkpoint import open_checkpoint
 from .config import CheckpointError, ModelConfig
+from .gguf_checkpoint import INT4_GGUF_GROUP
 from .model import AllReduce, Attention, DecoderLayer, DenseMlp, MixtralModel, SparseMoe, no_all_reduce
 
 
@@ -93,18 +94,24 @@ def load_model(
 ) -> MixtralModel:
     """This rank's model, its linear weights stored as `weights` says (each shape's kernel ends up in
     `model.kernel_report`). Each weight is quantized as it is read: no full-precision copy of the model
-    is ever held."""
+    is ever held; GGUF Q4_0/Q4_1 weights asked for as int4 in groups of 32 are never float at all."""
     check_shardable(config, shard.world_size, shard.expert_parallel)
     reader = open_checkpoint(path, config)
     kernels = LinearKernelChooser(weights.linear_kernel)
+
+    def quantized(weight: LinearWeight) -> LinearWeight:
+        """Time where its weight-only kernel beats dequantizing (kernels/kernel_choice.py), and report it."""
+        max_rows = int_kernel_max_rows(weight)
+        name = f"{weight.out_features}x{weight.in_features} {str(dtype).replace('torch.', '')}"
+        group = f"group {weight.group_size}, " if weight.kernel == "int4" else ""
+        kernels.report.setdefault(name, f"{weight.kernel} ({group}weight-only kernel up to {max_rows} rows)")
+        return weight
 
     def pack(weight: torch.Tensor, quantize: bool = True) -> LinearWeight:
         scheme = scheme_for(tuple(weight.shape), weights.quantization if quantize else "none", weights.group_size)
         if scheme == "none":
             return kernels.pack(weight)
-        name = f"{weight.shape[0]}x{weight.shape[1]} {str(weight.dtype).replace('torch.', '')}"
-        kernels.report.setdefault(name, scheme + (f" (group {weights.group_size})" if scheme == "int4" else ""))
-        return pack_weight(weight, scheme, weights.group_size)
+        return quantized(pack_weight(weight, scheme, weights.group_size))
 
     c = config
     dh, hidden, inter = c.head_dim, c.hidden_size, c.intermediate_size
@@ -115,8 +122,30 @@ def load_model(
     def read(name, shape, rows=None, cols=None):
         return reader.read(name, shape, dtype, rows, cols).to(device)
 
-    def fused(parts: list[tuple[str, tuple[int, int], slice]]):
-        """Row-wise concatenation of slices, read straight into one buffer: [sum rows, in]."""
+    def int4_as_stored(parts: list[tuple[str, tuple[int, int], slice | None]], cols: slice | None):
+        """The weight straight from the checkpoint's own int4 blocks (GGUF Q4_0/Q4_1, when int4 at
+        their group size is asked for), or None to read it as floats."""
+        read_int4 = getattr(reader, "read_int4", None)
+        if weights.quantization != "int4" or weights.group_size != INT4_GGUF_GROUP or read_int4 is None:
+            return None
+        blocks = [read_int4(name, shape, rows, cols) for name, shape, rows in parts]
+        if any(b is None for b in blocks):
+            return None
+        codes = torch.cat([b[0] for b in blocks])  # [rows, in]
+        if not int4_fits(tuple(codes.shape), weights.group_size):
+            return None
+        return quantized(int4_weight(codes.to(device), torch.cat([b[1] for b in blocks], dim=1).to(device),
+                                     weights.group_size, dtype))
+
+    def linear_weight(parts: list[tuple[str, tuple[int, int], slice | None]], cols: slice | None = None):
+        """The row-wise concatenation of `parts` (name, full shape, this rank's rows), this rank's
+        `cols`, as one LinearWeight: [sum rows, in]."""
+        stored = int4_as_stored(parts, cols)
+        if stored is not None:
+            return stored
+        if len(parts) == 1:
+            name, shape, rows = parts[0]
+            return pack(read(name, shape, rows, cols))
         sizes = [r.stop - r.start for _, _, r in parts]
         out = torch.empty(sum(sizes), parts[0][1][1], dtype=dtype)
         for (name, shape, rows), start in zip(parts, [sum(sizes[:i]) for i in range(len(sizes))]):
@@ -132,14 +161,14 @@ def load_model(
     for i in tqdm(range(c.num_layers), desc="loading layers", disable=not show_progress):
         p = f"model.layers.{i}."
         attn = Attention(
-            qkv=fused(
+            qkv=linear_weight(
                 [
                     (p + "self_attn.q_proj.weight", (c.num_heads * dh, hidden), q_rows),
                     (p + "self_attn.k_proj.weight", (c.num_kv_heads * dh, hidden), kv_rows),
                     (p + "self_attn.v_proj.weight", (c.num_kv_heads * dh, hidden), kv_rows),
                 ]
             ),
-            o=pack(read(p + "self_attn.o_proj.weight", (hidden, c.num_heads * dh), cols=q_rows)),
+            o=linear_weight([(p + "self_attn.o_proj.weight", (hidden, c.num_heads * dh), None)], cols=q_rows),
             num_heads=c.num_heads // shard.world_size,
             num_kv_heads=c.num_kv_heads // shard.world_size,
             head_dim=dh,
@@ -149,12 +178,12 @@ def load_model(
             mlp = SparseMoe(
                 gate=read(e + "gate.weight", (c.num_experts, hidden)),
                 w13=[
-                    fused([(f"{e}experts.{x}.{w}.weight", (inter, hidden), expert_rows) for w in ("w1", "w3")])
+                    linear_weight([(f"{e}experts.{x}.{w}.weight", (inter, hidden), expert_rows) for w in ("w1", "w3")])
                     if shard.owns_expert(x, c.num_experts) else None
                     for x in range(c.num_experts)
                 ],
                 w2=[
-                    pack(read(f"{e}experts.{x}.w2.weight", (hidden, inter), cols=expert_rows))
+                    linear_weight([(f"{e}experts.{x}.w2.weight", (hidden, inter), None)], cols=expert_rows)
                     if shard.owns_expert(x, c.num_experts) else None
                     for x in range(c.num_experts)
                 ],
@@ -162,8 +191,8 @@ def load_model(
             )
         else:
             mlp = DenseMlp(
-                w13=fused([(p + f"mlp.{w}_proj.weight", (inter, hidden), i_part) for w in ("gate", "up")]),
-                w2=pack(read(p + "mlp.down_proj.weight", (hidden, inter), cols=i_part)),
+                w13=linear_weight([(p + f"mlp.{w}_proj.weight", (inter, hidden), i_part) for w in ("gate", "up")]),
+                w2=linear_weight([(p + "mlp.down_proj.weight", (hidden, inter), None)], cols=i_part),
             )
         _return_freed_memory()
         layers.append(

@@ -45,7 +45,7 @@ def test_the_engine_generates_with_int4_weights(tiny_checkpoint):
     engine = make_engine(tiny_checkpoint, quantization="int4", quantization_group_size=32)
     outs = engine.generate(random_prompts([12, 30], seed=8), greedy(8))
     assert [len(ids) for ids in output_ids(outs)] == [8, 8]
-    assert engine.kernel_report()["linear_kernels"]["256x64 float32"] == "int4 (group 32)"
+    assert engine.kernel_report()["linear_kernels"]["256x64 float32"].startswith("int4 (group 32, ")
 
 
 def _real_text_ids(tokenizer, min_tokens: int) -> list[int]:
@@ -92,3 +92,50 @@ def test_smollm2_perplexity_on_20k_tokens_of_english_moves_little():
     assert results["none"] < 50  # a real model on real text
     assert results["int8"] <= 1.01 * results["none"]
     assert results["int4"] <= 1.08 * results["none"]
+
+
+def test_gguf_q4_1_weights_become_int4_codes_exactly_without_float(monkeypatch):
+    """SmolLM2's Q4_1 layer weights, asked for as int4 in groups of 32, are mapped block by block
+    (workers/gguf_checkpoint.py read_int4): no layer weight is dequantized to float, and the int4
+    weight equals the file's own values exactly, also for a tensor-parallel shard (rank 1 of 3) and
+    the rotary-permuted q/k rows."""
+    from mixserve.kernels.linear import dequantized
+    from mixserve.workers import gguf_checkpoint
+    from mixserve.workers.checkpoint import open_checkpoint
+    from mixserve.workers.loader import ShardSpec, load_model
+
+    from .test_gguf_smollm2 import GGUF
+
+    dequantized_names = []
+    real = gguf_checkpoint._dequantize
+    monkeypatch.setattr(gguf_checkpoint, "_dequantize",
+                        lambda raw, qtype, name: dequantized_names.append(name) or real(raw, qtype, name))
+    config = load_model_config(GGUF)
+    shard = ShardSpec(rank=1, world_size=3)
+    model = load_model(GGUF, config, torch.float32, shard, weights=WeightFormat(quantization="int4", group_size=32))
+    assert dequantized_names and all(n.startswith("token_embd") or n.endswith("norm.weight")
+                                     for n in dequantized_names), sorted(set(dequantized_names))
+
+    reader, c = open_checkpoint(GGUF, config), config
+    dh, p = c.head_dim, "model.layers.5."
+    q_rows, kv_rows, i_part = shard.part(c.num_heads * dh), shard.part(c.num_kv_heads * dh), shard.part(
+        c.intermediate_size)
+
+    def floats(name, shape, rows=None, cols=None):
+        return reader.read(p + name, shape, torch.float32, rows, cols)
+
+    layer = model.layers[5]
+    expected = {
+        "qkv": torch.cat([floats("self_attn.q_proj.weight", (c.num_heads * dh, c.hidden_size), q_rows),
+                          floats("self_attn.k_proj.weight", (c.num_kv_heads * dh, c.hidden_size), kv_rows),
+                          floats("self_attn.v_proj.weight", (c.num_kv_heads * dh, c.hidden_size), kv_rows)]),
+        "o": floats("self_attn.o_proj.weight", (c.hidden_size, c.num_heads * dh), cols=q_rows),
+        "w13": torch.cat([floats(f"mlp.{w}_proj.weight", (c.intermediate_size, c.hidden_size), i_part)
+                          for w in ("gate", "up")]),
+        "w2": floats("mlp.down_proj.weight", (c.hidden_size, c.intermediate_size), cols=i_part),
+    }
+    got = {"qkv": layer.attention.qkv, "o": layer.attention.o, "w13": layer.mlp.w13, "w2": layer.mlp.w2}
+    for key, weight in got.items():
+        assert weight.kernel == "int4" and weight.group_size == 32, key
+        torch.testing.assert_close(dequantized(weight, torch.float32), expected[key], rtol=1e-6, atol=1e-6,
+                                   msg=key)
