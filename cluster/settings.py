@@ -23,7 +23,9 @@ class ServeSettings(BaseModel):
         "auto", description="auto: the fastest kernel this machine runs, timed per weight shape at load")
     quantization: Literal["none", "int8", "int4"] = Field(
         "none", description="weight-only quantization of the attention and expert/MLP weights at load")
-    quantization_group_size: int = Field(64, description="int4: input columns per scale (32, 64, 128 or 256)")
+    quantization_group_size: int = Field(64, description="int4: input columns per scale (32, 64, 128 or 256; 32 "
+                                         "keeps a GGUF file's Q4_0/Q4_1 blocks exactly, without going through float)")
+    quantize_lm_head: bool = Field(False, description="quantize the LM head too (the embedding stays)")
     device: Literal["cpu", "cuda"] = "cpu"
     # engine, per replica
     tensor_parallel_size: int = Field(1, ge=1)
@@ -92,6 +94,7 @@ class ServeSettings(BaseModel):
         return dict(
             model=model_path, dtype=self.dtype, linear_kernel=self.linear_kernel,
             quantization=self.quantization, quantization_group_size=self.quantization_group_size,
+            quantize_lm_head=self.quantize_lm_head,
             block_size=self.block_size, kv_cache_bytes=self.kv_cache_bytes,
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len, enable_prefix_caching=self.enable_prefix_caching,

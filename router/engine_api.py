@@ -41,6 +41,7 @@ class ReplicaLoad:
     prefix_queries: int  # prompt tokens looked up in the prefix cache (cumulative)
     prefix_hits: int  # of which were cached (cumulative)
     preemptions: int  # cumulative
+    weight_bytes: int = 0  # of one rank's weights, quantized codes and scales included
 
 
 @dataclass(slots=True)

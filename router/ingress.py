@@ -22,6 +22,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 
 from ..workers.config import load_model_config
+from ..workers.engine import EngineBusyError
 from ..workers.model_source import resolve_model
 from ..workers.prefix_hash import block_hashes
 from ..workers.request_checks import ContextLengthError, completion_budget, max_model_len, prompt_token_ids
@@ -31,7 +32,7 @@ from .engine_api import GenerateChunk, GenerateRequest
 from .grpc_service import GrpcGenerateMixin
 from .metrics import ServingMetrics
 from .openai_format import ResponseBuilder
-from .protocol import ChatCompletionRequest, CompletionRequest, describe_validation_error, error_body
+from .protocol import ChatCompletionRequest, CompletionRequest, ReIsqRequest, describe_validation_error, error_body
 from .request_log import RequestLog, RequestRecord
 
 logger = logging.getLogger("mixserve.ingress")
@@ -125,8 +126,9 @@ class OpenAIIngress(GrpcGenerateMixin):
             parsed = model_cls.model_validate(body)
         except ValidationError as exc:
             raise ApiError(400, describe_validation_error(exc)) from None
-        if parsed.model is not None and parsed.model != self.opts.served_model_name:
-            raise ApiError(404, f"model {parsed.model!r} does not exist; this server serves "
+        model = getattr(parsed, "model", None)
+        if model is not None and model != self.opts.served_model_name:
+            raise ApiError(404, f"model {model!r} does not exist; this server serves "
                                 f"{self.opts.served_model_name!r}", code="model_not_found", param="model")
         return parsed
 
@@ -237,6 +239,22 @@ class OpenAIIngress(GrpcGenerateMixin):
         return {"object": "list", "data": [{"id": self.opts.served_model_name, "object": "model",
                                             "created": 0, "owned_by": "mixserve",
                                             "max_model_len": self.max_model_len}]}
+
+    @api.post("/v1/re_isq")
+    async def re_isq(self, request: Request):
+        """Re-quantize the weights of the replica the router picks (each replica keeps its own format)
+        from its checkpoint: 409 while it has requests in flight. {"quantization": "none"|"int8"|"int4",
+        "group_size": 32|64|128|256} -> the replica, its new format and weight bytes."""
+        self._check_auth(request)
+        body = self._parse(ReIsqRequest, await self._json_body(request))
+        try:
+            result = await self.llm.re_isq.remote(body.quantization, body.group_size)
+        except EngineBusyError as exc:
+            raise ApiError(409, str(getattr(exc, "cause", None) or exc), "conflict_error", "engine_busy") from None
+        except ValueError as exc:
+            raise ApiError(400, str(getattr(exc, "cause", None) or exc)) from None
+        self.metrics.weight_bytes.labels(self.opts.served_model_name, result["replica"]).set(result["weight_bytes"])
+        return result
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):

@@ -28,7 +28,10 @@ class LLMServer:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.engine = AsyncLLMEngine(LLMEngine(EngineConfig(**engine_kwargs)))
-        logging.getLogger("ray.serve").info("engine kernels: %s", describe_kernels(self.engine.engine.kernel_report()))
+        engine = self.engine.engine
+        logging.getLogger("ray.serve").info("engine kernels: %s | weights %s: %.2f GiB per rank",
+                                            describe_kernels(engine.kernel_report()), engine.weight_format.quantization,
+                                            engine.weight_bytes() / 2**30)
         try:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
         except RayServeException:  # constructed outside Serve (in-process use, tests)
@@ -42,7 +45,7 @@ class LLMServer:
         return ReplicaLoad(
             replica=self.replica_id, num_running=len(sched.running), num_waiting=len(sched.waiting),
             kv_usage=engine.kv.usage, prefix_queries=sched.prefix_queries, prefix_hits=sched.prefix_hits,
-            preemptions=sched.num_preemptions,
+            preemptions=sched.num_preemptions, weight_bytes=engine.weight_bytes(),
         )
 
     def _chunk(self, out: RequestOutput, first: bool) -> GenerateChunk:
@@ -86,6 +89,13 @@ class LLMServer:
             kv_usage=load.kv_usage, block_size=engine.config.block_size, cached_block_hashes=hashes,
             complete=len(hashes) == len(cached),
         ).to_dict()
+
+    async def re_isq(self, quantization: str, group_size: int | None = None) -> dict:
+        """Re-quantize this replica's weights from its checkpoint between steps (workers/engine.py
+        `requantize`); raises EngineBusyError while requests are in flight, ValueError for a bad format."""
+        weights = await self.engine.call(self.engine.engine.requantize, quantization, group_size)
+        return {"replica": self.replica_id, "quantization": weights.quantization, "group_size": weights.group_size,
+                "weight_bytes": self.engine.engine.weight_bytes()}
 
     def kernel_report(self) -> dict:
         """The CPU, dtype and linear kernels this replica's engine runs with (workers/engine.py)."""

@@ -34,6 +34,8 @@ class ServingMetrics:
         self.running = Gauge("mixserve:num_requests_running", "Sequences running on the replica", labels, registry=r)
         self.waiting = Gauge("mixserve:num_requests_waiting", "Sequences waiting on the replica", labels, registry=r)
         self.kv_usage = Gauge("mixserve:kv_cache_usage_perc", "Fraction of KV blocks in use", labels, registry=r)
+        self.weight_bytes = Gauge("mixserve:weight_bytes", "Bytes of one rank's weights (quantized codes and scales "
+                                  "included)", labels, registry=r)
         self.prefix_queries = Counter("mixserve:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
                                       labels, registry=r)
         self.prefix_hits = Counter("mixserve:prefix_cache_hits", "Prompt tokens found in the prefix cache",
@@ -46,6 +48,7 @@ class ServingMetrics:
         self.running.labels(*labels).set(load.num_running)
         self.waiting.labels(*labels).set(load.num_waiting)
         self.kv_usage.labels(*labels).set(load.kv_usage)
+        self.weight_bytes.labels(*labels).set(load.weight_bytes)
         before = self._last_totals.get(load.replica, (0, 0, 0))
         now = (load.prefix_queries, load.prefix_hits, load.preemptions)
         for counter, old, new in zip((self.prefix_queries, self.prefix_hits, self.preemptions), before, now):

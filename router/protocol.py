@@ -103,6 +103,15 @@ class ChatCompletionRequest(_SamplingFields):
         return self.max_completion_tokens or self.max_tokens
 
 
+class ReIsqRequest(BaseModel):
+    """POST /v1/re_isq (mistral.rs's name): re-quantize the replica's weights from its checkpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    quantization: Literal["none", "int8", "int4"]
+    group_size: Literal[32, 64, 128, 256] | None = None  # int4; default: the replica's current one
+
+
 def error_body(message: str, type_: str = "invalid_request_error", code: str | int | None = None,
                param: str | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}

@@ -8,6 +8,7 @@ blocking convenience over those three. Not thread-safe: one thread drives an eng
 (workers/async_engine.py does so for asyncio callers).
 """
 
+import dataclasses
 import logging
 import random
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from .dtype_choice import choose_dtype
 from .engine_config import EngineConfig
 from .executor import Executor, make_executor
 from .kv_cache_manager import KVCacheManager
-from .loader import check_shardable
+from .loader import WeightFormat, check_shardable
 from .model_runner import CacheShape, kv_bytes_per_block
 from .model_source import resolve_model
 from .outputs import CompletionOutput, RequestOutput
@@ -32,6 +33,10 @@ from .detokenizer import IncrementalDetokenizer
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+
+class EngineBusyError(RuntimeError):
+    """The engine has requests in flight and cannot do what was asked until it is idle."""
 
 
 @dataclass(slots=True)
@@ -70,6 +75,8 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, config.block_size, mc.sliding_window, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.executor = executor or make_executor(config, mc, self.dtype, self.cache_shape, self.model_path)
+        self.weight_format = config.weight_format()
+        self._weight_bytes = self.executor.weight_bytes()
         self.stats = EngineStats()
         self._requests: dict[str, tuple[str | None, list[Sequence]]] = {}
         self._seq_ids = count()
@@ -122,6 +129,25 @@ class LLMEngine:
     @property
     def num_unfinished_requests(self) -> int:
         return len(self._requests)
+
+    # ---- weights --------------------------------------------------------------------------
+
+    def requantize(self, quantization: str, group_size: int | None = None) -> WeightFormat:
+        """Re-read the weights from the checkpoint with another weight-only quantization (none, int8,
+        int4 in groups of `group_size`; mistral.rs's re-ISQ). ValueError for an unknown format;
+        EngineBusyError while any request is in flight (drain first); either way nothing changes.
+        The prefix cache is forgotten: its KV was computed with the old weights. Returns the new format."""
+        weights = dataclasses.replace(self.weight_format, quantization=quantization,
+                                      group_size=group_size or self.weight_format.group_size)
+        if self.has_unfinished_requests():
+            raise EngineBusyError(f"{self.num_unfinished_requests} request(s) in flight; re-quantizing needs an "
+                                  "idle engine: drain the replica and retry")
+        self.executor.reload_weights(weights)
+        self.kv.pool.reset_prefix_cache()
+        self.weight_format = weights
+        self._weight_bytes = self.executor.weight_bytes()
+        log.info("weights re-read as %s: %.2f GiB per rank", weights, self._weight_bytes / 2**30)
+        return weights
 
     # ---- stepping -------------------------------------------------------------------------
 
@@ -246,8 +272,8 @@ class LLMEngine:
                 "linear_kernels": self.executor.kernel_report()}
 
     def weight_bytes(self) -> int:
-        """Bytes of the weights one rank holds."""
-        return self.executor.weight_bytes()
+        """Bytes of the weights one rank holds (quantized codes and scales included)."""
+        return self._weight_bytes
 
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -6,6 +6,7 @@ import torch
 
 from .config import ModelConfig
 from .engine_config import EngineConfig
+from .loader import WeightFormat
 from .model_runner import CacheShape, ModelRunner
 from .step_input import StepInput, StepOutput
 
@@ -21,6 +22,9 @@ class Executor(Protocol):
 
     def weight_bytes(self) -> int:
         """Bytes of the weights one rank holds (rank 0's), quantized codes and scales included."""
+
+    def reload_weights(self, weights: WeightFormat) -> None:
+        """Every rank reads its weights again from the checkpoint, stored as `weights` says."""
 
     def shutdown(self) -> None: ...
 
@@ -42,6 +46,9 @@ class LocalExecutor:
 
     def weight_bytes(self) -> int:
         return self.runner.model.weight_bytes()
+
+    def reload_weights(self, weights: WeightFormat) -> None:
+        self.runner.reload_weights(weights)
 
     def shutdown(self) -> None:
         self.runner = None

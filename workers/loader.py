@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ..kernels.kernel_choice import LinearKernelChooser, int_kernel_max_rows
 from ..kernels.linear import LinearWeight, int4_weight, pack_weight
-from ..kernels.quantize import QUANTIZATIONS, int4_fits, scheme_for
+from ..kernels.quantize import INT4_GROUP_SIZES, QUANTIZATIONS, int4_fits, scheme_for
 from ..kernels.rotary import rotary_table
 from .checkpoint import open_checkpoint
 from .config import CheckpointError, ModelConfig
@@ -28,7 +28,7 @@ from .gguf_checkpoint import INT4_GGUF_GROUP
 from .model import AllReduce, Attention, DecoderLayer, DenseMlp, MixtralModel, SparseMoe, no_all_reduce
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """Hand memory freed by load-time temporaries back to the OS (glibc keeps freed heap chunks,
     which would otherwise inflate the resident set by up to one copy of the weights)."""
     name = ctypes.util.find_library("c")
@@ -53,6 +53,9 @@ class WeightFormat:
     def __post_init__(self):
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}; got {self.quantization!r}")
+        if self.group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"quantization group size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}; "
+                             f"got {self.group_size}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +159,7 @@ def load_model(
     # come on top of every layer already loaded (in small-vocabulary-heavy models it is 25% of all).
     lm_head_name = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
     lm_head = pack(read(lm_head_name, (c.vocab_size, hidden)), quantize=weights.quantize_lm_head)
-    _return_freed_memory()
+    return_freed_memory()
     layers = []
     for i in tqdm(range(c.num_layers), desc="loading layers", disable=not show_progress):
         p = f"model.layers.{i}."
@@ -194,7 +197,7 @@ def load_model(
                 w13=linear_weight([(p + f"mlp.{w}_proj.weight", (inter, hidden), i_part) for w in ("gate", "up")]),
                 w2=linear_weight([(p + "mlp.down_proj.weight", (hidden, inter), None)], cols=i_part),
             )
-        _return_freed_memory()
+        return_freed_memory()
         layers.append(
             DecoderLayer(
                 input_norm=read(p + "input_layernorm.weight", (hidden,)),

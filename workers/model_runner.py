@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
-from .loader import ShardSpec, WeightFormat, load_model
+from .loader import ShardSpec, WeightFormat, load_model, return_freed_memory
 from .model import AllReduce, no_all_reduce
 from .model_inputs import build_model_inputs
 from .sampler import sample_step
@@ -45,11 +45,23 @@ class ModelRunner:
     ):
         self.config = config
         self.cache = cache
-        self.model = load_model(model_path, config, dtype, shard, all_reduce, device, show_progress, weights)
+        self.weights = weights
+        self._load = dict(path=model_path, config=config, dtype=dtype, shard=shard, all_reduce=all_reduce,
+                          device=device)
+        self.model = load_model(**self._load, show_progress=show_progress, weights=weights)
         kv_heads = config.num_kv_heads // shard.world_size
         slots = cache.num_blocks * cache.block_size
         # [layers, K/V, Kr, S, Dh]
         self.kv_cache = torch.zeros(config.num_layers, 2, kv_heads, slots, config.head_dim, dtype=dtype, device=device)
+
+    def reload_weights(self, weights: WeightFormat) -> None:
+        """Read the weights again from the checkpoint, stored as `weights` says (re-quantization at run
+        time). The old weights are dropped first, so memory peaks at one model, not two; the KV cache
+        stays allocated (what it holds was computed with the old weights: the engine forgets it)."""
+        self.model = None
+        return_freed_memory()
+        self.model = load_model(**self._load, weights=weights)
+        self.weights = weights
 
     @torch.inference_mode()
     def execute(self, step: StepInput, sample: bool = True) -> StepOutput | None:

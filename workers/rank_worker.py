@@ -77,6 +77,11 @@ class RankWorker:
     def weight_bytes(self) -> int:
         return self.runner.model.weight_bytes()
 
+    def reload_weights(self, weights: WeightFormat) -> int:
+        """Read this rank's shard again in another format; returns its weight bytes."""
+        self.runner.reload_weights(weights)
+        return self.weight_bytes()
+
     def kernel_report(self) -> dict[str, str]:
         return dict(self.runner.model.kernel_report)
 

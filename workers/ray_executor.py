@@ -121,6 +121,9 @@ class RayExecutor:
     def weight_bytes(self) -> int:
         return self.rank_weight_bytes[0]
 
+    def reload_weights(self, weights: WeightFormat, timeout_s: float = 600.0) -> None:
+        self.rank_weight_bytes = self._wait_all([w.reload_weights.remote(weights) for w in self.workers], timeout_s)
+
     def kernel_report(self) -> dict[str, str]:
         return self._wait_all([self.workers[0].kernel_report.remote()], 30.0)[0]
 

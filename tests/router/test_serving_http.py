@@ -3,6 +3,7 @@
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -221,3 +222,44 @@ def test_grpc_generate_unary_and_streaming_match_http(server, client):
     with pytest.raises(grpc.RpcError) as bad:
         stub.Generate(generate_pb2.GenerateRequest(prompt_token_ids=[1, 32000]), metadata=auth, timeout=60)
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "vocabulary" in bad.value.details()
+
+
+def test_re_isq_switches_the_replica_to_int8_and_back_with_the_same_outputs(server):
+    """POST /v1/re_isq (mistral.rs's name): API key required, 400 for an unknown format, 409 while
+    requests are in flight; none -> int8 shrinks the weights (/metrics shows it), and switching back
+    gives the greedy outputs from before."""
+    url = server[0]
+    greedy = {"prompt": [1] + list(range(300, 340)), "max_tokens": 10, "temperature": 0, "ignore_eos": True}
+
+    def weight_bytes_in_metrics() -> float:
+        lines = [line for line in httpx.get(url + "/metrics").text.splitlines()
+                 if line.startswith("mixserve:weight_bytes{")]
+        return float(lines[-1].rsplit(" ", 1)[1])
+
+    before = _post(url, "/v1/completions", greedy).json()["choices"][0]["text"]
+    full_bytes = weight_bytes_in_metrics()
+    assert _post(url, "/v1/re_isq", {"quantization": "int8"}, key="wrong").status_code == 401
+    bad = _post(url, "/v1/re_isq", {"quantization": "int3"})
+    assert bad.status_code == 400 and "quantization" in bad.json()["error"]["message"]
+
+    switched = _post(url, "/v1/re_isq", {"quantization": "int8"})
+    assert switched.status_code == 200, switched.text
+    assert switched.json()["quantization"] == "int8" and 0 < switched.json()["weight_bytes"] < full_bytes
+    assert weight_bytes_in_metrics() == switched.json()["weight_bytes"]
+    assert _post(url, "/v1/completions", greedy).status_code == 200
+
+    # 3 requests x 16 sequences x 120 tokens: seconds of work for the engine (measured ~2.5 s each)
+    long = {"prompt": "busy " * 10, "max_tokens": 120, "n": 16, "ignore_eos": True}
+    with ThreadPoolExecutor(3) as pool:
+        work = [pool.submit(_post, url, "/v1/completions", long) for _ in range(3)]
+        deadline = time.monotonic() + 30
+        while llm_stats()["load"].num_running == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        busy = _post(url, "/v1/re_isq", {"quantization": "none"})
+        assert busy.status_code == 409 and "in flight" in busy.json()["error"]["message"], busy.text
+        assert all(w.result().status_code == 200 for w in work)
+
+    back = _post(url, "/v1/re_isq", {"quantization": "none"})
+    assert back.status_code == 200 and back.json()["weight_bytes"] == full_bytes
+    assert _post(url, "/v1/completions", greedy).json()["choices"][0]["text"] == before

@@ -139,3 +139,35 @@ def test_gguf_q4_1_weights_become_int4_codes_exactly_without_float(monkeypatch):
         assert weight.kernel == "int4" and weight.group_size == 32, key
         torch.testing.assert_close(dequantized(weight, torch.float32), expected[key], rtol=1e-6, atol=1e-6,
                                    msg=key)
+
+
+def test_requantize_switches_an_idle_engine_to_int8_and_back_with_the_same_outputs(tiny_checkpoint):
+    """engine.requantize (behind POST /v1/re_isq): none -> int8 -> none re-reads the checkpoint each
+    time; the weights shrink and grow back, outputs after switching back equal those before (the
+    prefix cache, computed with int8 weights, is forgotten), and a busy engine refuses and keeps its
+    weights."""
+    from mixserve.workers.engine import EngineBusyError
+
+    engine = make_engine(tiny_checkpoint, dtype="bfloat16")
+    prompts = random_prompts([40, 75], seed=12)
+    before, full_bytes = output_ids(engine.generate(prompts, greedy(12))), engine.weight_bytes()
+
+    assert engine.requantize("int8").quantization == "int8"
+    assert engine.weight_bytes() < full_bytes  # tiny: the embedding and LM head (not quantized) dominate
+    assert engine.kernel_report()["linear_kernels"]["256x64 bfloat16"].startswith("int8")
+    int8_out = output_ids(engine.generate(prompts, greedy(12)))
+    assert [len(ids) for ids in int8_out] == [12, 12]
+
+    engine.add_request("busy", prompts[0], greedy(4))
+    with pytest.raises(EngineBusyError, match="1 request"):
+        engine.requantize("int4")
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        engine.requantize("int3")
+    assert engine.weight_format.quantization == "int8"
+    engine.abort_request("busy")
+    engine.step()  # the abort's report leaves the engine
+
+    engine.requantize("none")
+    assert engine.weight_bytes() == full_bytes
+    assert output_ids(engine.generate(prompts, greedy(12))) == before
+    engine.shutdown()

@@ -42,6 +42,25 @@ def test_tp2_greedy_outputs_equal_tp1(request, name):
         engine.shutdown()
 
 
+def test_requantize_reloads_every_rank_and_switching_back_restores_the_outputs(tiny_checkpoint):
+    """engine.requantize on TP=2: each rank re-reads its shard as int4 and back to none (the outputs
+    from before). Quantized TP outputs are not TP=1's: a column-split shard (o_proj, w2) gets its
+    own scales over its own columns."""
+    prompts = random_prompts([9, 40], seed=66)
+    engine = tp2(tiny_checkpoint)
+    try:
+        before, full_bytes = output_ids(engine.generate(prompts, greedy(12))), engine.weight_bytes()
+        engine.requantize("int4")
+        assert engine.weight_bytes() < full_bytes
+        assert engine.kernel_report()["linear_kernels"]["128x64 float32"].startswith("int4")  # w13's half
+        assert [len(ids) for ids in output_ids(engine.generate(prompts, greedy(12)))] == [12, 12]
+        engine.requantize("none")
+        assert engine.weight_bytes() == full_bytes
+        assert output_ids(engine.generate(prompts, greedy(12))) == before
+    finally:
+        engine.shutdown()
+
+
 def test_expert_parallel_greedy_outputs_equal_tp1(tiny_checkpoint):
     prompts = random_prompts([9, 40, 100], seed=65)
     expected = output_ids(make_engine(tiny_checkpoint).generate(prompts, greedy(20)))
