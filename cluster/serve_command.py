@@ -26,7 +26,7 @@ def start_serve(settings: ServeSettings) -> str:
     """Deploy and wait until /health answers; returns the base URL."""
     # Resolved once here (a hub id downloads with a progress bar): a model that cannot be had or cannot
     # fit fails before Ray starts, and the replicas on this node then find it in the hub cache.
-    report_sizing(settings, resolve_source(resolve_model(settings), show_progress=True))
+    settings = report_sizing(settings, resolve_source(resolve_model(settings), show_progress=True))
     # A local head gets at least the logical CPUs the app asks for (Ray CPUs are scheduling units;
     # torch threads are set by --threads), so `--replica-cpus 2` on a 2-core laptop still starts.
     needed = settings.cpus_needed()
@@ -45,18 +45,23 @@ def start_serve(settings: ServeSettings) -> str:
     return url
 
 
-def report_sizing(settings: ServeSettings, model_path) -> None:
+def report_sizing(settings: ServeSettings, model_path) -> ServeSettings:
     """Print what the model at `model_path` (resolved) needs; on a local CPU head refuse a deployment
-    this machine cannot hold."""
+    this machine cannot hold. Returns the settings with the KV cache sized from memory when
+    kv_cache_memory_fraction asks for it."""
     from mixserve.workers.config import load_model_config
 
-    from .sizing import check_fits, size_deployment
+    from .sizing import check_fits, kv_cache_bytes_from_memory, size_deployment
 
-    sizing = size_deployment(settings, load_model_config(model_path))
+    config = load_model_config(model_path)
+    if settings.kv_cache_memory_fraction is not None:
+        settings = settings.model_copy(update={"kv_cache_bytes": kv_cache_bytes_from_memory(settings, config)})
+    sizing = size_deployment(settings, config)
     for line in sizing.lines():
         print(line, flush=True)
     if settings.address is None and settings.device == "cpu":
         check_fits(sizing)
+    return settings
 
 
 def wait_until_healthy(url: str, timeout_s: float = 600.0, check_alive=None) -> None:

@@ -35,6 +35,10 @@ class ServeSettings(BaseModel):
     max_num_batched_tokens: int = Field(2048, ge=16)
     block_size: int = Field(16, ge=1)
     kv_cache_bytes: int = Field(512 << 20, ge=1 << 20, description="KV cache memory per rank")
+    kv_cache_memory_fraction: float | None = Field(
+        None, gt=0, le=1, description="size the KV cache from memory instead (vLLM's --gpu-memory-utilization): "
+        "this fraction of the memory available at start, less the weights (after quantization), shared by the "
+        "ranks; at most what max_num_seqs full-length sequences need; replaces kv_cache_bytes")
     enable_prefix_caching: bool = True
     threads: int | None = Field(None, ge=1, description="torch threads per engine process")
     # replicas and resources

@@ -8,6 +8,8 @@ cache (`kv_cache_bytes`). On CPU every rank of every replica started at once mus
 MEMORY_BUDGET_FRACTION, 90%: the budget `--dtype auto` also sizes float32 against), or
 `mixserve serve` refuses with a message that names the numbers and what to change; on a joined
 cluster (other nodes may hold the replicas) and on CUDA it only reports.
+With `kv_cache_memory_fraction` the KV cache is what that fraction of the available memory leaves
+after the weights (`kv_cache_bytes_from_memory`), so quantized weights give the cache their savings.
 """
 
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from mixserve.workers.dtype_choice import (
     weight_elements_per_rank,
 )
 from mixserve.workers.model_runner import kv_bytes_per_block
+from mixserve.workers.request_checks import max_model_len
 
 from .settings import ServeSettings
 
@@ -99,6 +102,28 @@ def size_deployment(settings: ServeSettings, config: ModelConfig) -> Sizing:
         quantized="" if settings.quantization == "none" else f", attention and experts {settings.quantization}"
         + (f" (group {settings.quantization_group_size})" if settings.quantization == "int4" else ""),
     )
+
+
+def kv_cache_bytes_from_memory(settings: ServeSettings, config: ModelConfig, available: int | None = None) -> int:
+    """KV bytes per rank under settings.kv_cache_memory_fraction: that fraction of the available memory,
+    less every rank's weights (quantized weights leave the KV cache more), split among the ranks and
+    capped at what max_num_seqs sequences of the full context length take. DoesNotFitError when the
+    weights alone exceed the fraction."""
+    sizing = size_deployment(settings, config)
+    available = available_memory_bytes() if available is None else available
+    if available is None:
+        raise DoesNotFitError("kv_cache_memory_fraction needs the memory available (Linux /proc/meminfo); "
+                              "set kv_cache_bytes instead")
+    budget = int(available * settings.kv_cache_memory_fraction)
+    left = budget // sizing.ranks - sizing.weight_bytes_per_rank
+    if left < 1 << 20:
+        raise DoesNotFitError(
+            f"no memory left for the KV cache: {settings.kv_cache_memory_fraction:.0%} of the {available / GIB:.2f} "
+            f"GiB available is {budget / GIB:.2f} GiB, and {sizing.ranks} rank(s) hold "
+            f"{sizing.weight_bytes_per_rank / GIB:.2f} GiB of weights each. Raise kv_cache_memory_fraction, "
+            "quantize (--quantization int8/int4), or use fewer replicas.")
+    context = max_model_len(settings.max_model_len, config.max_position_embeddings)
+    return min(left, settings.max_num_seqs * context * sizing.kv_bytes_per_token)
 
 
 def check_fits(sizing: Sizing, available: int | None = None, budget_fraction: float = MEMORY_BUDGET_FRACTION) -> None:

@@ -64,3 +64,21 @@ def test_mixtral_8x7b_in_int4_takes_at_most_27_gb_and_int8_about_half_of_bf16():
     assert int4.weight_bytes_per_rank <= 27e9 and int4.weight_bytes_per_rank / bf16 <= 0.3
     assert 0.49 <= int8.weight_bytes_per_rank / bf16 <= 0.51
     assert "int4 (group 64)" in int4.lines()[0]
+
+
+def test_the_kv_cache_sized_from_memory_gets_what_quantization_saves():
+    """kv_cache_memory_fraction: the KV cache is the fraction of memory the weights leave, so int4
+    weights give the cache exactly what they save over int8; capped at max_num_seqs full contexts;
+    refused when the weights alone do not fit."""
+    from mixserve.cluster.sizing import kv_cache_bytes_from_memory
+
+    available = 64 << 30
+    base = dict(dtype="bfloat16", kv_cache_memory_fraction=0.9, max_num_seqs=1024)
+    int8, int4 = (ServeSettings(**base, quantization=q) for q in ("int8", "int4"))
+    kv8, kv4 = (kv_cache_bytes_from_memory(s, MIXTRAL_8X7B, available) for s in (int8, int4))
+    w8, w4 = (size_deployment(s, MIXTRAL_8X7B).weight_bytes_per_rank for s in (int8, int4))
+    assert kv8 == int(available * 0.9) - w8 and kv4 - kv8 == w8 - w4 > 18 << 30
+    capped = ServeSettings(**{**base, "max_num_seqs": 1}, quantization="int4")
+    assert kv_cache_bytes_from_memory(capped, MIXTRAL_8X7B, available) == 32768 * 128 * 1024  # one full context
+    with pytest.raises(DoesNotFitError, match="no memory left for the KV cache"):
+        kv_cache_bytes_from_memory(ServeSettings(**base), MIXTRAL_8X7B, available)  # 87 GiB of bf16 weights
