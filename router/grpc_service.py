@@ -1,66 +1,54 @@
 """gRPC Generate service (router/generate.proto), served by the ingress through Ray Serve's gRPC
-proxy. Same path and semantics as HTTP /v1/completions: same validation, routing and errors
-(mapped to gRPC status codes); the API key, when set, comes as `authorization: Bearer <key>`
-metadata."""
+proxy: a thin adapter over the request pipeline (router/request_pipeline.py), so a gRPC request is
+parsed, validated (as a /v1/completions body: same defaults and checks), routed, counted in
+/metrics and logged exactly as an HTTP one. The API key, when set, comes as
+`authorization: Bearer <key>` metadata; pipeline errors map onto gRPC status codes."""
 
 import uuid
 
 import grpc
 
 from . import generate_pb2
+from .engine_api import GenerateRequest
+from .protocol import CompletionRequest
 from .request_log import RequestRecord
+from .request_pipeline import ApiError, RequestPipeline
 
 _STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
            404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
            499: grpc.StatusCode.CANCELLED, 503: grpc.StatusCode.UNAVAILABLE}
+_OPTIONAL_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed")
 
 
 class GrpcGenerateMixin:
-    """Methods named after the proto's RPCs; mixed into the ingress deployment class."""
+    """Methods named after the proto's RPCs; mixed into the ingress deployment class, which provides
+    `self.pipeline`."""
 
-    def _grpc_check_auth(self, grpc_context) -> None:
+    pipeline: RequestPipeline
+
+    def _grpc_request(self, request: generate_pb2.GenerateRequest, grpc_context) -> GenerateRequest:
         metadata = dict(grpc_context.invocation_metadata() or ())
-        if not self._authorized(metadata.get("authorization", "")):
-            from .ingress import ApiError
+        self.pipeline.authorize(metadata.get("authorization", ""), "send authorization: Bearer <key> metadata")
+        body = {name: getattr(request, name) for name in _OPTIONAL_FIELDS if request.HasField(name)}
+        body.update(prompt=list(request.prompt_token_ids) if request.prompt_token_ids else request.prompt,
+                    stop=list(request.stop) or None, ignore_eos=request.ignore_eos, model=request.model or None)
+        parsed = self.pipeline.parse(CompletionRequest, body)
+        ids = self.pipeline.prompt_ids(parsed.prompt)
+        return self.pipeline.request(f"grpc-{uuid.uuid4().hex}", ids, parsed.sampling_kwargs(parsed.max_tokens))
 
-            raise ApiError(401, "invalid or missing API key (send authorization: Bearer <key> metadata)")
-
-    def _grpc_request(self, request: generate_pb2.GenerateRequest, grpc_context):
-        from .ingress import ApiError
-
-        self._grpc_check_auth(grpc_context)
-        if request.model and request.model != self.opts.served_model_name:
-            raise ApiError(404, f"model {request.model!r} does not exist; this server serves "
-                                f"{self.opts.served_model_name!r}")
-        ids = self._prompt_ids(list(request.prompt_token_ids) if request.prompt_token_ids else request.prompt)
-        sampling = dict(
-            n=1, max_tokens=request.max_tokens if request.HasField("max_tokens") else 16,
-            temperature=request.temperature if request.HasField("temperature") else 1.0,
-            top_p=request.top_p if request.HasField("top_p") else 1.0,
-            top_k=request.top_k if request.HasField("top_k") else -1,
-            seed=request.seed if request.HasField("seed") else None,
-            stop=list(request.stop), ignore_eos=request.ignore_eos,
-        )
-        if sampling["max_tokens"] < 1 or sampling["temperature"] < 0:
-            raise ApiError(400, "max_tokens must be at least 1 and temperature at least 0")
-        request_id = f"grpc-{uuid.uuid4().hex}"
-        return self._request(request_id, ids, sampling)
-
-    def _grpc_fail(self, exc, grpc_context, record: RequestRecord):
+    def _grpc_fail(self, exc: ApiError, grpc_context, record: RequestRecord) -> None:
         grpc_context.set_code(_STATUS.get(exc.status, grpc.StatusCode.UNKNOWN))
-        grpc_context.set_details(exc.body["error"]["message"])
+        grpc_context.set_details(exc.message)
         record.status = "error"
-        self.request_log.write(record)
+        self.pipeline.finish(record, record.endpoint, exc.status)
 
     async def Generate(self, request: generate_pb2.GenerateRequest, grpc_context) -> generate_pb2.GenerateReply:
-        from .ingress import ApiError
-
         record = RequestRecord(endpoint="grpc:Generate")
         try:
             req = self._grpc_request(request, grpc_context)
             record.start(req.request_id, len(req.prompt_token_ids))
             text, ids, finish = "", [], ""
-            async for chunk in self._chunks(req, record):
+            async for chunk in self.pipeline.chunks(req, record):
                 choice = chunk.choices[0]
                 text += choice.delta_text
                 ids += choice.delta_token_ids
@@ -68,20 +56,17 @@ class GrpcGenerateMixin:
         except ApiError as exc:
             self._grpc_fail(exc, grpc_context, record)
             return generate_pb2.GenerateReply()
-        record.finish(200)
-        self.request_log.write(record)
+        self.pipeline.finish(record, record.endpoint, 200)
         return generate_pb2.GenerateReply(request_id=req.request_id, text=text, token_ids=ids, finish_reason=finish,
                                           prompt_tokens=len(req.prompt_token_ids), completion_tokens=len(ids))
 
     async def GenerateStream(self, request: generate_pb2.GenerateRequest, grpc_context):
-        from .ingress import ApiError
-
         record = RequestRecord(endpoint="grpc:GenerateStream")
         try:
             req = self._grpc_request(request, grpc_context)
             record.start(req.request_id, len(req.prompt_token_ids))
             produced = 0
-            async for chunk in self._chunks(req, record):
+            async for chunk in self.pipeline.chunks(req, record):
                 choice = chunk.choices[0]
                 produced += len(choice.delta_token_ids)
                 yield generate_pb2.GenerateReply(
@@ -92,5 +77,4 @@ class GrpcGenerateMixin:
         except ApiError as exc:
             self._grpc_fail(exc, grpc_context, record)
             return
-        record.finish(200)
-        self.request_log.write(record)
+        self.pipeline.finish(record, record.endpoint, 200)

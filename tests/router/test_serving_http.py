@@ -263,3 +263,61 @@ def test_re_isq_switches_the_replica_to_int8_and_back_with_the_same_outputs(serv
     back = _post(url, "/v1/re_isq", {"quantization": "none"})
     assert back.status_code == 200 and back.json()["weight_bytes"] == full_bytes
     assert _post(url, "/v1/completions", greedy).json()["choices"][0]["text"] == before
+
+
+def _counter(metrics_text: str, endpoint: str, status: str) -> float:
+    prefix = "mixserve:http_requests_total{"
+    for line in metrics_text.splitlines():
+        if line.startswith(prefix) and f'endpoint="{endpoint}"' in line and f'status="{status}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_grpc_and_http_requests_both_count_in_metrics(server, client):
+    """One request pipeline (router/request_pipeline.py): a gRPC request is counted, observed and
+    logged like an HTTP one, its errors included."""
+    import grpc
+
+    from mixserve.router import generate_pb2
+
+    url, settings = server[0], server[1]
+    before = httpx.get(url + "/metrics").text
+    client.completions.create(model=_model(client), prompt="count me", max_tokens=3)
+    stub, auth = _grpc_stub(settings), (("authorization", f"Bearer {KEY}"),)
+    stub.Generate(generate_pb2.GenerateRequest(prompt="count me", max_tokens=3), metadata=auth, timeout=60)
+    with pytest.raises(grpc.RpcError):
+        stub.Generate(generate_pb2.GenerateRequest(prompt="count me", max_tokens=3), timeout=60)  # no key
+    with pytest.raises(grpc.RpcError) as bad:
+        stub.Generate(generate_pb2.GenerateRequest(prompt="x", temperature=3.0), metadata=auth, timeout=60)
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "temperature" in bad.value.details()
+    after = httpx.get(url + "/metrics").text
+    for endpoint, status in (("/v1/completions", "200"), ("grpc:Generate", "200"), ("grpc:Generate", "401"),
+                             ("grpc:Generate", "400")):
+        assert _counter(after, endpoint, status) == _counter(before, endpoint, status) + 1, (endpoint, status)
+
+
+def test_router_modules_import_no_cycle():
+    """router/'s modules form an acyclic import graph (the gRPC adapter once imported the ingress
+    that mixed it in)."""
+    import ast
+    from pathlib import Path
+
+    import mixserve.router
+
+    folder = Path(mixserve.router.__file__).parent
+    graph = {}
+    for path in folder.glob("*.py"):
+        imports = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names = [node.module] if node.module else [alias.name for alias in node.names]
+                imports |= {name.split(".")[0] for name in names}
+        graph[path.stem] = imports & {p.stem for p in folder.glob("*.py")}
+
+    def visit(module, path):
+        assert module not in path, " -> ".join(path + [module])
+        for dependency in graph[module]:
+            visit(dependency, path + [module])
+
+    for module in graph:
+        visit(module, [])

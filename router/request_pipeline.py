@@ -1,0 +1,142 @@
+"""One request pipeline behind every protocol (HTTP JSON, SSE, gRPC): a Serve-free object the
+ingress's thin adapters call, stage by stage.
+
+Stages: authorize -> parse (pydantic, router/protocol.py) -> tokenize / chat template -> validate
+(context length, SamplingParams) -> route and stream the replica's chunks (the LLM-server handle; the
+prefix-aware router picks the replica) -> finish (Prometheus counters and histograms, the request
+log, usage). Every client mistake is an ApiError carrying its HTTP status and OpenAI's error body;
+protocols map the status onto their own (HTTP as is, gRPC through `grpc_status`).
+"""
+
+import hmac
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ValidationError
+from ray.serve.exceptions import BackPressureError
+
+from ..workers.prefix_hash import block_hashes
+from ..workers.request_checks import ContextLengthError, completion_budget, prompt_token_ids
+from ..workers.sampling_params import SamplingParams
+from ..workers.tokenizer import Tokenizer
+from .engine_api import GenerateChunk, GenerateRequest
+from .metrics import ServingMetrics
+from .protocol import describe_validation_error, error_body
+from .request_log import RequestLog, RequestRecord
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code=None, param=None):
+        super().__init__(message)
+        self.status, self.body = status, error_body(message, type_, code, param)
+
+    @property
+    def message(self) -> str:
+        return self.body["error"]["message"]
+
+
+@dataclass(slots=True)
+class PipelineModel:
+    """What the pipeline knows of the served model."""
+
+    served_model_name: str
+    tokenizer: Tokenizer
+    vocab_size: int
+    max_model_len: int
+    block_size: int  # the engine's KV block size: prefix hashes for the router are per block
+
+
+class RequestPipeline:
+    """`open_stream(request)` returns the replica's chunk stream for a GenerateRequest (an object with
+    `async for` and `cancel()`: a Serve streaming response in the ingress)."""
+
+    def __init__(self, model: PipelineModel, open_stream: Callable, metrics: ServingMetrics, request_log: RequestLog,
+                 api_key: str | None = None):
+        self.model = model
+        self.open_stream = open_stream
+        self.metrics = metrics
+        self.request_log = request_log
+        self.api_key = api_key
+
+    # ---- authorize, parse, tokenize, validate ------------------------------------------------
+
+    def authorize(self, authorization: str, how: str = "send Authorization: Bearer <key>") -> None:
+        """An `Authorization` value must carry the API key (any value, when none is set); compared in
+        constant time."""
+        if not self.api_key:
+            return
+        given = authorization[7:] if authorization.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            raise ApiError(401, f"invalid or missing API key ({how})", "authentication_error", "invalid_api_key")
+
+    def parse(self, model_cls: type[BaseModel], body: dict):
+        try:
+            parsed = model_cls.model_validate(body)
+        except ValidationError as exc:
+            raise ApiError(400, describe_validation_error(exc)) from None
+        model = getattr(parsed, "model", None)
+        if model is not None and model != self.model.served_model_name:
+            raise ApiError(404, f"model {model!r} does not exist; this server serves "
+                                f"{self.model.served_model_name!r}", code="model_not_found", param="model")
+        return parsed
+
+    def prompt_ids(self, prompt) -> list[int]:
+        try:
+            return prompt_token_ids(self.model.tokenizer, prompt, self.model.vocab_size)
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="prompt") from None
+
+    def chat_ids(self, messages) -> list[int]:
+        """messages: router/protocol.py ChatMessage objects -> the chat template's prompt ids."""
+        try:
+            return self.model.tokenizer.encode_chat([{"role": m.role, "content": m.text()} for m in messages])
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="messages") from None
+
+    def request(self, request_id: str, ids: list[int], sampling: dict) -> GenerateRequest:
+        """The GenerateRequest, after the context-length check and SamplingParams' own checks."""
+        try:
+            max_tokens = completion_budget(len(ids), sampling["max_tokens"], self.model.max_model_len)
+        except ContextLengthError as exc:
+            raise ApiError(400, str(exc), param="max_tokens", code="context_length_exceeded") from None
+        sampling = {**sampling, "max_tokens": max_tokens}
+        try:
+            SamplingParams(**sampling)
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+        return GenerateRequest(request_id, ids, sampling, block_hashes(ids, self.model.block_size))
+
+    # ---- route and stream ----------------------------------------------------------------------
+
+    async def chunks(self, req: GenerateRequest, record: RequestRecord) -> AsyncIterator[GenerateChunk]:
+        """The replica's chunks for one request; cancels it there if the caller stops early."""
+        stream = None
+        finished = False
+        try:
+            stream = self.open_stream(req)
+            async for chunk in stream:
+                record.on_chunk(chunk)
+                self.metrics.observe_load(chunk.load)
+                finished = chunk.finished
+                yield chunk
+        except BackPressureError:
+            raise ApiError(503, "the server is at capacity; retry shortly", "server_overloaded", 503) from None
+        except ValueError as exc:
+            raise ApiError(400, str(getattr(exc, "cause", None) or exc)) from None
+        finally:
+            if not finished and stream is not None:
+                try:
+                    stream.cancel()
+                except Exception:  # a request that was never assigned re-raises its error here
+                    pass
+                record.status = record.status or "cancelled"
+
+    # ---- finish ----------------------------------------------------------------------------------
+
+    def finish(self, record: RequestRecord, endpoint: str, status: int) -> None:
+        """Count the request (every protocol, by endpoint and HTTP-equivalent status), observe its
+        latencies and tokens, and write its log line."""
+        record.finish(status)
+        self.metrics.http_requests.labels(self.model.served_model_name, endpoint, str(status)).inc()
+        record.observe(self.metrics)
+        self.request_log.write(record)
