@@ -2,15 +2,14 @@
 replicas, routed by the prefix-aware router. `app_builder` is the `import_path` target for
 `serve run` / `serve deploy` / KubeRay's serveConfigV2 (its `args:` are ServeSettings fields)."""
 
-import os
 from pathlib import Path
 
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from ..router.ingress import IngressOptions, OpenAIIngress
+from ..router.ingress import OpenAIIngress
 from ..router.llm_server import LLMServer
-from .settings import ServeSettings
+from .settings import ServeSettings, api_key_from_environment
 
 PREFIX_ROUTER = "mixserve.router.prefix_router:PrefixAwareRouter"
 DEMO_MODEL_NAME = "mixserve-demo"
@@ -57,8 +56,8 @@ def _llm_deployment_options(s: ServeSettings) -> dict:
         max_ongoing_requests=s.max_ongoing_requests,
         max_queued_requests=s.max_queued_requests,
         ray_actor_options={"num_cpus": s.replica_cpus},
-        health_check_period_s=5.0,
-        health_check_timeout_s=60.0,
+        health_check_period_s=s.health_check_period_s,
+        health_check_timeout_s=s.health_check_timeout_s,
         graceful_shutdown_timeout_s=10.0,
     )
     if s.min_replicas is not None:
@@ -87,17 +86,13 @@ def build_app(settings: ServeSettings) -> serve.Application:
     name = settings.served_model_name or (_model_name(model) if settings.model else DEMO_MODEL_NAME)
     threads = settings.threads or (max(1, int(settings.replica_cpus)) if settings.tensor_parallel_size == 1 else 1)
     llm = serve.deployment(LLMServer).options(**_llm_deployment_options(settings)).bind(
-        settings.engine_kwargs(model), threads, stream_interval=settings.stream_interval
+        settings.engine_config(model), threads, stream_interval=settings.stream_interval
     )
     ingress = serve.deployment(OpenAIIngress).options(
-        name="OpenAIIngress", num_replicas=1, max_ongoing_requests=1024,
+        name="OpenAIIngress", num_replicas=settings.ingress_replicas, max_ongoing_requests=1024,
         ray_actor_options={"num_cpus": settings.ingress_cpus},
     )
-    options = IngressOptions(
-        model=model, served_model_name=name, block_size=settings.block_size, max_model_len=settings.max_model_len,
-        api_key=settings.api_key, max_body_bytes=settings.max_body_bytes, request_log=settings.request_log,
-    )
-    return ingress.bind(llm, options)
+    return ingress.bind(llm, settings.ingress_options(model, name))
 
 
 def app_builder(args: dict) -> serve.Application:
@@ -105,6 +100,5 @@ def app_builder(args: dict) -> serve.Application:
     The API key may come from the environment (`MIXSERVE_API_KEY`, e.g. a Kubernetes Secret) so that
     it never has to be written into a Serve config."""
     args = dict(args or {})
-    if not args.get("api_key") and os.environ.get("MIXSERVE_API_KEY"):
-        args["api_key"] = os.environ["MIXSERVE_API_KEY"]
+    args["api_key"] = args.get("api_key") or api_key_from_environment()
     return build_app(ServeSettings.model_validate(args))

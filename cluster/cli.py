@@ -154,9 +154,8 @@ def _add_bench_serve_parser(modes) -> None:
 
 
 def _run_bench_serve(args: argparse.Namespace) -> int:
-    import os
-
     from mixserve.cluster.bench_serve import parse_loads, run_bench_serve
+    from mixserve.cluster.settings import api_key_from_environment
     from mixserve.cluster.bench_workloads import build_workload, default_tokenizer_dir
     from mixserve.workers.tokenizer import Tokenizer
 
@@ -170,7 +169,7 @@ def _run_bench_serve(args: argparse.Namespace) -> int:
     summaries = run_bench_serve(
         args.url, lambda i: build_workload(args.workload, tokenizer, args.num_prompts, args.seed + i, **sizes),
         loads, args.out, args.name or f"serve-{args.workload}", model=args.model,
-        api_key=args.api_key or os.environ.get("MIXSERVE_API_KEY") or None, seed=args.seed, warmup=args.warmup,
+        api_key=args.api_key or api_key_from_environment(), seed=args.seed, warmup=args.warmup,
         timeout_s=args.timeout, progress=not args.no_progress,
     )
     return 0 if all(s["completed"] for s in summaries) else 1
@@ -282,13 +281,11 @@ def _arg_type(annotation):
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    import os
-
     from mixserve.cluster.serve_command import run_serve
-    from mixserve.cluster.settings import ServeSettings
+    from mixserve.cluster.settings import ServeSettings, api_key_from_environment
 
     given = {k: v for k, v in vars(args).items() if k in ServeSettings.model_fields and v is not None}
-    given.setdefault("api_key", os.environ.get("MIXSERVE_API_KEY") or None)
+    given.setdefault("api_key", api_key_from_environment())
     try:
         settings = ServeSettings(**given)
     except ValueError as exc:

@@ -2,12 +2,26 @@
 
 The single source for the CLI flags (`mixserve serve`), the Serve application builder's
 arguments (`import_path: mixserve.cluster.app:app_builder`, `args:` in a Serve config) and the
-deployment manifests. Values flow down from here explicitly; nothing below reads the environment.
+deployment manifests. Values flow down from here explicitly, as typed objects (`engine_config`:
+workers' EngineConfig, `ingress_options`: the ingress's IngressOptions); engine defaults come from
+EngineConfig itself. Nothing below reads the environment.
 """
 
+import os
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from mixserve.workers.engine_config import EngineConfig
+
+API_KEY_ENV = "MIXSERVE_API_KEY"
+_ENGINE = EngineConfig(model="")  # the engine's defaults, which the settings below reuse
+
+
+def api_key_from_environment() -> str | None:
+    """The API key from $MIXSERVE_API_KEY (e.g. a Kubernetes Secret), for the entry points that read
+    the environment: the CLI and the Serve config builder."""
+    return os.environ.get(API_KEY_ENV) or None
 
 
 class ServeSettings(BaseModel):
@@ -31,15 +45,15 @@ class ServeSettings(BaseModel):
     tensor_parallel_size: int = Field(1, ge=1)
     expert_parallel: bool = Field(False, description="split MoE layers by whole experts across the ranks")
     max_model_len: int | None = Field(None, ge=2)
-    max_num_seqs: int = Field(32, ge=1)
-    max_num_batched_tokens: int = Field(2048, ge=16)
-    block_size: int = Field(16, ge=1)
-    kv_cache_bytes: int = Field(512 << 20, ge=1 << 20, description="KV cache memory per rank")
+    max_num_seqs: int = Field(_ENGINE.max_num_seqs, ge=1)
+    max_num_batched_tokens: int = Field(_ENGINE.max_num_batched_tokens, ge=16)
+    block_size: int = Field(_ENGINE.block_size, ge=1)
+    kv_cache_bytes: int = Field(_ENGINE.kv_cache_bytes, ge=1 << 20, description="KV cache memory per rank")
     kv_cache_memory_fraction: float | None = Field(
         None, gt=0, le=1, description="size the KV cache from memory instead (vLLM's --gpu-memory-utilization): "
         "this fraction of the memory available at start, less the weights (after quantization), shared by the "
         "ranks; at most what max_num_seqs full-length sequences need; replaces kv_cache_bytes")
-    enable_prefix_caching: bool = True
+    enable_prefix_caching: bool = _ENGINE.enable_prefix_caching
     threads: int | None = Field(None, ge=1, description="torch threads per engine process")
     # replicas and resources
     replicas: int = Field(1, ge=1)
@@ -50,6 +64,9 @@ class ServeSettings(BaseModel):
     rank_cpus: float = Field(1.0, gt=0, description="CPUs of one tensor-parallel rank actor")
     rank_gpus: float = Field(0.0, ge=0, description="GPUs of one tensor-parallel rank actor")
     ingress_cpus: float = Field(0.1, gt=0)
+    ingress_replicas: int = Field(1, ge=1, description="replicas of the HTTP/gRPC ingress")
+    health_check_period_s: float = Field(5.0, gt=0, description="how often Serve checks each LLM-server replica")
+    health_check_timeout_s: float = Field(60.0, gt=0, description="a replica whose check takes longer is replaced")
     placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = "STRICT_PACK"
     max_ongoing_requests: int = Field(64, ge=1, description="requests a replica works on at once")
     max_queued_requests: int = Field(128, ge=1, description="beyond this the API answers 503 + Retry-After")
@@ -90,12 +107,12 @@ class ServeSettings(BaseModel):
         ranks = self.tensor_parallel_size * self.rank_cpus if self.tensor_parallel_size > 1 else 0.0
         return replicas * (self.replica_cpus + ranks) + self.ingress_cpus
 
-    def engine_kwargs(self, model_path: str) -> dict:
-        """Arguments of workers.engine_config.EngineConfig for one replica."""
+    def engine_config(self, model_path: str) -> EngineConfig:
+        """The EngineConfig of one replica."""
         rank_bundle = {"CPU": self.rank_cpus}
         if self.rank_gpus:
             rank_bundle["GPU"] = self.rank_gpus
-        return dict(
+        return EngineConfig(
             model=model_path, dtype=self.dtype, linear_kernel=self.linear_kernel,
             quantization=self.quantization, quantization_group_size=self.quantization_group_size,
             quantize_lm_head=self.quantize_lm_head,
@@ -107,4 +124,14 @@ class ServeSettings(BaseModel):
             placement_strategy=self.placement_strategy,
             use_current_placement_group=self.tensor_parallel_size > 1, rank_bundle_offset=1,
             rank_threads=self.threads,
+        )
+
+    def ingress_options(self, model_path: str, served_model_name: str):
+        """The ingress's IngressOptions (router/ingress.py)."""
+        from mixserve.router.ingress import IngressOptions
+
+        return IngressOptions(
+            model=model_path, served_model_name=served_model_name, block_size=self.block_size,
+            max_model_len=self.max_model_len, api_key=self.api_key, max_body_bytes=self.max_body_bytes,
+            request_log=self.request_log,
         )

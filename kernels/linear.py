@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from .capability import CpuCapability, cpu_capability
 from .quantize import (
     dequantize_int4,
-    dequantize_int8,
     int4_block_rows,
     int4_fits,
     pack_int4,

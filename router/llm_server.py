@@ -23,11 +23,11 @@ from .engine_api import ChoiceDelta, GenerateChunk, GenerateRequest, ReplicaLoad
 
 
 class LLMServer:
-    def __init__(self, engine_kwargs: dict, num_threads: int | None = None, max_published_hashes: int = 8192,
+    def __init__(self, engine_config: EngineConfig, num_threads: int | None = None, max_published_hashes: int = 8192,
                  stream_interval: int = 1):
         if num_threads:
             torch.set_num_threads(num_threads)
-        self.engine = AsyncLLMEngine(LLMEngine(EngineConfig(**engine_kwargs)))
+        self.engine = AsyncLLMEngine(LLMEngine(engine_config))
         engine = self.engine.engine
         logging.getLogger("ray.serve").info("engine kernels: %s | weights %s: %.2f GiB per rank",
                                             describe_kernels(engine.kernel_report()), engine.weight_format.quantization,

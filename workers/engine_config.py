@@ -1,4 +1,5 @@
-"""Knobs of one engine (one replica). Filled from the cluster settings model; no env reads."""
+"""Knobs of one engine (one replica), and the one place their defaults live (cluster/settings.py's
+ServeSettings takes its engine defaults from here and builds an EngineConfig). No env reads."""
 
 from dataclasses import dataclass, field
 
@@ -14,9 +15,9 @@ class EngineConfig:
     quantization_group_size: int = 64  # int4's group of input columns (32, 64, 128, 256)
     quantize_lm_head: bool = False
     block_size: int = 16  # tokens per KV-cache block
-    kv_cache_bytes: int = 1 << 30  # per rank; sets the number of blocks
+    kv_cache_bytes: int = 512 << 20  # per rank; sets the number of blocks
     num_blocks: int | None = None  # overrides kv_cache_bytes
-    max_num_seqs: int = 64  # running sequences at once
+    max_num_seqs: int = 32  # running sequences at once
     max_num_batched_tokens: int = 2048  # token budget of one step (prefill chunk size)
     max_model_len: int | None = None  # prompt + output; default: the model's context length
     enable_prefix_caching: bool = True

@@ -25,9 +25,9 @@ def test_tensor_parallel_replica_owns_one_placement_group_with_a_bundle_per_rank
     options = _llm_deployment_options(s)
     assert options["placement_group_bundles"] == [{"CPU": 1}, {"CPU": 4, "GPU": 1}, {"CPU": 4, "GPU": 1}]
     assert options["placement_group_strategy"] == "STRICT_PACK"
-    engine = s.engine_kwargs("/models/x")
-    assert engine["use_current_placement_group"] and engine["rank_bundle_offset"] == 1
-    assert engine["rank_bundle"] == {"CPU": 4, "GPU": 1}
+    engine = s.engine_config("/models/x")
+    assert engine.use_current_placement_group and engine.rank_bundle_offset == 1
+    assert engine.rank_bundle == {"CPU": 4, "GPU": 1}
 
 
 def test_cpus_needed_counts_every_actor_the_deployment_options_ask_for():
@@ -77,3 +77,18 @@ def test_serve_config_entry_point_takes_the_api_key_from_the_environment(monkeyp
     seen.clear()
     app_module.app_builder({"api_key": "explicit"})
     assert seen["settings"].api_key == "explicit"
+
+
+def test_engine_defaults_live_in_one_place_and_flow_as_typed_objects():
+    """ServeSettings takes the engine's defaults from EngineConfig and builds the typed EngineConfig
+    and IngressOptions the deployments get."""
+    from mixserve.router.ingress import IngressOptions
+    from mixserve.workers.engine_config import EngineConfig
+
+    s, engine = ServeSettings(), EngineConfig(model="")
+    built = s.engine_config("/models/x")
+    for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_bytes", "enable_prefix_caching"):
+        assert getattr(s, name) == getattr(engine, name) == getattr(built, name), name
+    options = ServeSettings(api_key="k", max_model_len=99).ingress_options("/models/x", "x")
+    assert isinstance(options, IngressOptions) and (options.api_key, options.max_model_len) == ("k", 99)
+    assert _llm_deployment_options(ServeSettings(health_check_period_s=2.5))["health_check_period_s"] == 2.5
