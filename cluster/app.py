@@ -12,6 +12,9 @@ from ..router.llm_server import LLMServer
 from .settings import ServeSettings, api_key_from_environment
 
 PREFIX_ROUTER = "mixserve.router.prefix_router:PrefixAwareRouter"
+# Ray Serve LLM's own prefix router. Its public name, ray.serve.llm.request_router.PrefixCacheAffinityRouter,
+# is a bare subclass of this class, but importing ray.serve.llm needs vLLM or SGLang installed; this does not.
+RAY_PREFIX_ROUTER = "ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router:PrefixCacheAffinityRouter"
 DEMO_MODEL_NAME = "mixserve-demo"
 
 
@@ -74,7 +77,7 @@ def _llm_deployment_options(s: ServeSettings) -> dict:
         options["placement_group_strategy"] = s.placement_strategy
     if s.prefix_routing:
         options["request_router_config"] = RequestRouterConfig(
-            request_router_class=PREFIX_ROUTER,
+            request_router_class=PREFIX_ROUTER if s.prefix_router == "mixserve" else RAY_PREFIX_ROUTER,
             request_router_kwargs={"imbalanced_threshold": s.imbalanced_threshold},
             request_routing_stats_period_s=s.routing_stats_period_s,
         )

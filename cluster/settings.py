@@ -74,6 +74,10 @@ class ServeSettings(BaseModel):
                                  "chunks at once): fewer, larger chunks cost less CPU per token")
     # routing
     prefix_routing: bool = True
+    prefix_router: Literal["mixserve", "ray"] = Field(
+        "mixserve", description="with prefix routing: mixserve's router (the KV blocks each replica holds, by the "
+        "engine's own block hashes) or Ray Serve LLM's PrefixCacheAffinityRouter (a prefix tree of the prompts' "
+        "text it routed)")
     imbalanced_threshold: int = Field(8, ge=0)
     routing_stats_period_s: float = Field(2.0, gt=0)
     # API
@@ -133,5 +137,5 @@ class ServeSettings(BaseModel):
         return IngressOptions(
             model=model_path, served_model_name=served_model_name, block_size=self.block_size,
             max_model_len=self.max_model_len, api_key=self.api_key, max_body_bytes=self.max_body_bytes,
-            request_log=self.request_log,
+            request_log=self.request_log, prompt_text=self.prefix_routing and self.prefix_router == "ray",
         )

@@ -20,6 +20,7 @@ class GenerateRequest:
     prompt_token_ids: list[int]
     sampling: dict  # keyword arguments of workers.sampling_params.SamplingParams
     block_hashes: list[int] = field(default_factory=list)
+    prompt: str = ""  # the prompt's text, for routers that read it (Ray's PrefixCacheAffinityRouter); else ""
 
 
 @dataclass(slots=True)

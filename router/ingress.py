@@ -43,6 +43,7 @@ class IngressOptions:
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
     request_log: str | None = None
+    prompt_text: bool = False  # the LLM-server's router reads the prompt's text (Ray's prefix-tree router)
 
 
 api = FastAPI(title="mixserve", docs_url=None, redoc_url=None)
@@ -76,7 +77,7 @@ class OpenAIIngress(GrpcGenerateMixin):
         config = load_model_config(model_path)
         self.model = PipelineModel(options.served_model_name, Tokenizer.from_dir(model_path), config.vocab_size,
                                    max_model_len(options.max_model_len, config.max_position_embeddings),
-                                   options.block_size)
+                                   options.block_size, options.prompt_text)
         self.metrics = ServingMetrics(options.served_model_name)
         self.pipeline = RequestPipeline(self.model, self._open_stream, self.metrics, RequestLog(options.request_log),
                                         options.api_key)

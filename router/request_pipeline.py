@@ -44,6 +44,7 @@ class PipelineModel:
     vocab_size: int
     max_model_len: int
     block_size: int  # the engine's KV block size: prefix hashes for the router are per block
+    prompt_text: bool = False  # the router reads the prompt's text (GenerateRequest.prompt), not only hashes
 
 
 class RequestPipeline:
@@ -104,7 +105,8 @@ class RequestPipeline:
             SamplingParams(**sampling)
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
-        return GenerateRequest(request_id, ids, sampling, block_hashes(ids, self.model.block_size))
+        text = self.model.tokenizer.decode(ids) if self.model.prompt_text else ""
+        return GenerateRequest(request_id, ids, sampling, block_hashes(ids, self.model.block_size), text)
 
     # ---- route and stream ----------------------------------------------------------------------
 
