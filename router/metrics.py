@@ -56,5 +56,15 @@ class ServingMetrics:
                 counter.labels(*labels).inc(new - old)
         self._last_totals[load.replica] = tuple(max(o, n) for o, n in zip(before, now))
 
+    def forget_replica(self, replica: str) -> None:
+        """Drop every series of a replica that died, so dashboards do not keep showing its last values."""
+        for metric in (self.running, self.waiting, self.kv_usage, self.weight_bytes, self.prefix_queries,
+                       self.prefix_hits, self.preemptions):
+            try:
+                metric.remove(self.model, replica)
+            except KeyError:  # it never reported this series
+                pass
+        self._last_totals.pop(replica, None)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -8,12 +8,15 @@ log, usage). Every client mistake is an ApiError carrying its HTTP status and Op
 protocols map the status onto their own (HTTP as is, gRPC through `grpc_status`).
 """
 
+import asyncio
 import hmac
+import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ValidationError
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 
 from ..workers.prefix_hash import block_hashes
 from ..workers.request_checks import ContextLengthError, completion_budget, prompt_token_ids
@@ -23,6 +26,15 @@ from .engine_api import GenerateChunk, GenerateRequest
 from .metrics import ServingMetrics
 from .protocol import describe_validation_error, error_body
 from .request_log import RequestLog, RequestRecord
+
+
+logger = logging.getLogger("mixserve.ingress")
+
+REPLICA_ATTEMPTS = 3  # tries of a request whose replica fails before its first chunk
+RETRY_BACKOFF_S = 0.2  # times the attempt number, before routing again
+# The replica's actor died or cannot be reached, or its engine failed (EngineDeadError arrives as a
+# RayTaskError; a request the engine refused is a ValueError and is caught before these).
+_REPLICA_FAILURES = (RayActorError, ReplicaUnavailableError, RayTaskError)
 
 
 class ApiError(Exception):
@@ -111,27 +123,48 @@ class RequestPipeline:
     # ---- route and stream ----------------------------------------------------------------------
 
     async def chunks(self, req: GenerateRequest, record: RequestRecord) -> AsyncIterator[GenerateChunk]:
-        """The replica's chunks for one request; cancels it there if the caller stops early."""
-        stream = None
-        finished = False
-        try:
-            stream = self.open_stream(req)
-            async for chunk in stream:
-                record.on_chunk(chunk)
-                self.metrics.observe_load(chunk.load)
-                finished = chunk.finished
-                yield chunk
-        except BackPressureError:
-            raise ApiError(503, "the server is at capacity; retry shortly", "server_overloaded", 503) from None
-        except ValueError as exc:
-            raise ApiError(400, str(getattr(exc, "cause", None) or exc)) from None
-        finally:
-            if not finished and stream is not None:
-                try:
-                    stream.cancel()
-                except Exception:  # a request that was never assigned re-raises its error here
-                    pass
-                record.status = record.status or "cancelled"
+        """The replica's chunks for one request; cancels it there if the caller stops early.
+
+        Replica failure rule: if the replica dies (or its engine fails) before the request's first
+        chunk, the request goes to a replica again, up to REPLICA_ATTEMPTS times, unseen by the
+        client; after its first chunk it ends with ApiError 503 (an SSE error event, or a JSON error),
+        never a cut connection."""
+        for attempt in range(1, REPLICA_ATTEMPTS + 1):
+            stream = None
+            finished = started = retrying = False
+            try:
+                stream = self.open_stream(req)
+                async for chunk in stream:
+                    record.on_chunk(chunk)
+                    self.metrics.observe_load(chunk.load)
+                    finished, started = chunk.finished, True
+                    yield chunk
+                return
+            except BackPressureError:
+                raise ApiError(503, "the server is at capacity; retry shortly", "server_overloaded", 503) from None
+            except ValueError as exc:  # the engine refused the request (a RayTaskError that is a ValueError)
+                raise ApiError(400, str(getattr(exc, "cause", None) or exc)) from None
+            except _REPLICA_FAILURES as exc:
+                failed = record.replica or "a replica"
+                if record.replica and isinstance(exc, (RayActorError, ReplicaUnavailableError)):
+                    self.metrics.forget_replica(record.replica)  # its process is gone: no ghost series
+                if started or attempt == REPLICA_ATTEMPTS:
+                    record.status = "replica_failed"
+                    raise ApiError(503, f"the replica serving this request failed ({type(exc).__name__}) after "
+                                        f"{record.completion_tokens} token(s); retry the request", "server_error",
+                                   "replica_failed") from None
+                logger.warning("request %s: %s failed before its first token (%s); routing it again (attempt %d)",
+                               req.request_id, failed, type(exc).__name__, attempt + 1)
+                retrying = True
+            finally:
+                if not finished and stream is not None:
+                    try:
+                        stream.cancel()
+                    except Exception:  # a request that was never assigned re-raises its error here
+                        pass
+                    if not retrying:
+                        record.status = record.status or "cancelled"
+            await asyncio.sleep(RETRY_BACKOFF_S * attempt)  # only reached when retrying
 
     # ---- finish ----------------------------------------------------------------------------------
 

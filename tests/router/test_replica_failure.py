@@ -1,0 +1,90 @@
+"""A replica dying under load (Ray Serve, 2 LLM-server replicas, loopback HTTP): streams it was serving
+end with an SSE error event and `data: [DONE]` (never a cut connection), requests sent while it dies
+that had no token yet are routed again and succeed, and /metrics drops the dead replica's series."""
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+import ray
+
+from .serve_helpers import start, stop
+
+
+@pytest.fixture(scope="module")
+def two_replicas(tiny_checkpoint):
+    url, _ = start(tiny_checkpoint, replicas=2, replica_cpus=1.0, threads=1, routing_stats_period_s=0.5)
+    yield url
+    stop()
+
+
+def _replica_actor(replica_id: str):
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["name"].startswith("SERVE_REPLICA::mixserve#LLMServer#") and actor["name"].endswith(replica_id):
+            return ray.get_actor(actor["name"], namespace=actor["namespace"])
+    raise LookupError(replica_id)
+
+
+class _Stream(threading.Thread):
+    """One streamed completion, read to its end; what it saw."""
+
+    def __init__(self, url: str, i: int):
+        super().__init__(daemon=True)
+        self.url, self.i = url, i
+        self.replica, self.tokens, self.events, self.done, self.failure = None, 0, [], False, None
+        self.first_token = threading.Event()
+
+    def run(self):
+        body = {"prompt": f"stream {self.i} goes on", "max_tokens": 480, "stream": True, "ignore_eos": True}
+        try:
+            with httpx.stream("POST", self.url + "/v1/completions", json=body, timeout=120) as r:
+                self.replica = r.headers["x-mixserve-replica"]
+                for line in r.iter_lines():
+                    if line == "data: [DONE]":
+                        self.done = True
+                    elif line.startswith("data: "):
+                        event = json.loads(line[6:])
+                        self.events.append(event)
+                        self.tokens += "choices" in event
+                        self.first_token.set()
+        except httpx.HTTPError as exc:  # a cut connection: what must never happen
+            self.failure = exc
+        finally:
+            self.first_token.set()
+
+
+def test_killing_a_replica_under_load_ends_its_streams_cleanly_and_loses_no_unstarted_request(two_replicas):
+    url = two_replicas
+    streams = [_Stream(url, i) for i in range(12)]
+    for s in streams:
+        s.start()
+    for s in streams:
+        assert s.first_token.wait(60)
+    victim = streams[0].replica
+    ray.kill(_replica_actor(victim), no_restart=True)
+    late = []  # sent while the replica dies: none had a token yet, so each must be routed again and succeed
+    for i in range(8):
+        late.append(httpx.post(url + "/v1/completions", json={"prompt": f"late {i}", "max_tokens": 4}, timeout=120))
+    for s in streams:
+        s.join(120)
+
+    assert all(r.status_code == 200 for r in late), [r.text for r in late if r.status_code != 200]
+    assert all(s.failure is None and s.done for s in streams), [(s.i, s.failure, s.done) for s in streams]
+    on_victim = [s for s in streams if s.replica == victim]
+    assert on_victim
+    for s in on_victim:
+        last = s.events[-1]
+        if "error" in last:  # it was still streaming when its replica died
+            assert last["error"]["code"] == "replica_failed" and s.tokens > 0
+        else:  # it finished before
+            assert last["choices"][0]["finish_reason"] == "length"
+    assert any("error" in s.events[-1] for s in on_victim)
+    survivors = [s for s in streams if s.replica != victim]
+    assert all(s.events[-1]["choices"][0]["finish_reason"] == "length" for s in survivors)
+
+    deadline = time.monotonic() + 30
+    while victim in httpx.get(url + "/metrics").text:
+        assert time.monotonic() < deadline, "the dead replica's series are still in /metrics"
+        time.sleep(0.5)
