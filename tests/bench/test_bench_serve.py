@@ -6,10 +6,10 @@ import os
 
 import pytest
 
-from mixserve.cluster.bench_compare import CompareSizes, Row, _run_plan, prefix_kv_bytes
-from mixserve.cluster.bench_report import render_report
-from mixserve.cluster.bench_vllm_client import client_args, summarize_result
-from mixserve.cluster.bench_workloads import build_workload
+from mixserve.bench.compare import CompareSizes, Row, _run_plan, prefix_kv_bytes
+from mixserve.bench.report import render_report
+from mixserve.bench.vllm_client import client_args, summarize_result
+from mixserve.bench.workloads import build_workload
 from mixserve.cluster.cli import main
 from mixserve.workers.tokenizer import Tokenizer
 from tests.router.serve_helpers import start, stop

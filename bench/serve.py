@@ -2,7 +2,7 @@
 
 Load: open loop (`rate`: sessions start at Poisson arrival times, `inf` = all at once) or closed
 loop (`concurrency`: that many sessions in flight; each ends before its worker starts the next).
-A session's requests go one after another (bench_workloads.py). Every request streams
+A session's requests go one after another (workloads.py). Every request streams
 (`stream_options.include_usage`), greedy, EOS ignored.
 
 Per request, timed on the client from just before the POST:
@@ -33,7 +33,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mixserve.kernels.capability import cpu_capability
-from .bench_workloads import BenchRequest, Workload
+from .workloads import BenchRequest, Workload
 
 
 @dataclass(slots=True)
@@ -336,7 +336,7 @@ def run_bench_serve(url: str, workload_for, loads: list[tuple[float | None, int 
     warm prefix cache from the point before does not flatter the next one)."""
     from pathlib import Path
 
-    from .bench_plots import plot_latency_cdfs, plot_sweep, write_json
+    from .plots import plot_latency_cdfs, plot_sweep, write_json
 
     out_dir = Path(out_dir)
     print(f"cpu (this machine, the load generator's): {cpu_capability().line()}", flush=True)
