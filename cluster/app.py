@@ -68,6 +68,8 @@ def _llm_deployment_options(s: ServeSettings) -> dict:
             "min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
             "initial_replicas": max(s.min_replicas, 1),
             "target_ongoing_requests": s.target_ongoing_requests,
+            "upscale_delay_s": s.upscale_delay_s, "downscale_delay_s": s.downscale_delay_s,
+            "look_back_period_s": s.autoscaling_look_back_s,
         }
     else:
         options["num_replicas"] = s.replicas

@@ -27,14 +27,19 @@ def start_serve(settings: ServeSettings) -> str:
     # Resolved once here (a hub id downloads with a progress bar): a model that cannot be had or cannot
     # fit fails before Ray starts, and the replicas on this node then find it in the hub cache.
     settings = report_sizing(settings, resolve_source(resolve_model(settings), show_progress=True))
-    # A local head gets at least the logical CPUs the app asks for (Ray CPUs are scheduling units;
-    # torch threads are set by --threads), so `--replica-cpus 2` on a 2-core laptop still starts.
-    needed = settings.cpus_needed()
-    init_ray(settings.address, num_cpus=max(os.cpu_count() or 1, math.ceil(needed)))
+    # A local head gets at least the logical CPUs the app may ask for, every replica autoscaling may
+    # add included (Ray CPUs are scheduling units; torch threads are set by --threads), so
+    # `--replica-cpus 2` or `--max-replicas 3` on a 2-core laptop still starts and scales.
+    needed, at_most = settings.cpus_needed(), settings.cpus_needed(at_most=True)
+    init_ray(settings.address, num_cpus=max(os.cpu_count() or 1, math.ceil(at_most)))
     have = ray.cluster_resources().get("CPU", 0.0)
     if have < needed:
         print(f"warning: the app asks for {needed:g} CPUs, the Ray cluster has {have:g}; replicas stay pending "
               "until nodes join (or lower --replicas / --replica-cpus / --rank-cpus)", file=sys.stderr, flush=True)
+    elif have < at_most:
+        print(f"warning: autoscaling up to {settings.max_replicas} replicas needs {at_most:g} CPUs, the Ray cluster "
+              f"has {have:g}; replicas beyond that stay pending until nodes join (or lower --max-replicas / "
+              "--replica-cpus)", file=sys.stderr, flush=True)
     grpc = None
     if settings.grpc_port:
         grpc = gRPCOptions(port=settings.grpc_port, grpc_servicer_functions=[GRPC_SERVICER])

@@ -60,6 +60,12 @@ class ServeSettings(BaseModel):
     min_replicas: int | None = Field(None, ge=0, description="set with max_replicas to autoscale")
     max_replicas: int | None = Field(None, ge=1)
     target_ongoing_requests: float = Field(8.0, gt=0)
+    upscale_delay_s: float = Field(30.0, ge=0, description="autoscaling: load must stay high this long before a "
+                                   "replica is added (Serve's default)")
+    downscale_delay_s: float = Field(600.0, ge=0, description="autoscaling: load must stay low this long before a "
+                                     "replica is removed (Serve's default)")
+    autoscaling_look_back_s: float = Field(30.0, gt=0, description="autoscaling: the window the load is averaged "
+                                           "over (Serve's default)")
     replica_cpus: float = Field(1.0, gt=0, description="CPUs of an LLM-server replica actor")
     rank_cpus: float = Field(1.0, gt=0, description="CPUs of one tensor-parallel rank actor")
     rank_gpus: float = Field(0.0, ge=0, description="GPUs of one tensor-parallel rank actor")
@@ -104,12 +110,16 @@ class ServeSettings(BaseModel):
             raise ValueError("min_replicas must not exceed max_replicas")
         return self
 
-    def cpus_needed(self) -> float:
-        """Logical Ray CPUs the app asks for at start: its initial replicas (each replica actor plus,
-        with tensor parallelism, its rank actors) and the ingress."""
-        replicas = self.replicas if self.min_replicas is None else max(self.min_replicas, 1)
+    def cpus_needed(self, at_most: bool = False) -> float:
+        """Logical Ray CPUs the app asks for: at start (its initial replicas, each replica actor plus,
+        with tensor parallelism, its rank actors, and the ingress replicas), or `at_most` once
+        autoscaling has added every replica it may (max_replicas)."""
+        if self.min_replicas is None:
+            replicas = self.replicas
+        else:
+            replicas = self.max_replicas if at_most else max(self.min_replicas, 1)
         ranks = self.tensor_parallel_size * self.rank_cpus if self.tensor_parallel_size > 1 else 0.0
-        return replicas * (self.replica_cpus + ranks) + self.ingress_cpus
+        return replicas * (self.replica_cpus + ranks) + self.ingress_replicas * self.ingress_cpus
 
     def engine_config(self, model_path: str) -> EngineConfig:
         """The EngineConfig of one replica."""
