@@ -9,9 +9,11 @@ from mixserve.cluster.settings import ServeSettings
 
 
 def test_autoscaling_settings_become_serve_autoscaling_config():
-    options = _llm_deployment_options(ServeSettings(min_replicas=1, max_replicas=4, target_ongoing_requests=6))
+    options = _llm_deployment_options(ServeSettings(min_replicas=1, max_replicas=4, target_ongoing_requests=6,
+                                                    upscale_delay_s=2, downscale_delay_s=9))
     assert options["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "initial_replicas": 1,
-                                             "target_ongoing_requests": 6.0}
+                                             "target_ongoing_requests": 6.0, "upscale_delay_s": 2.0,
+                                             "downscale_delay_s": 9.0, "look_back_period_s": 30.0}
     assert "num_replicas" not in options
 
 
