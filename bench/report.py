@@ -10,10 +10,13 @@ Ratios are taken within the run (the machine is shared; absolute figures drift w
   "best" or target, and their ratios are recorded without a target;
 - served rows: over mixserve offline's best, and over mixserve served by 1 replica under the same
   client (our load generator or vLLM's `vllm bench serve`: the fair pair for vLLM's server);
-- shared-prefix rows: mean TTFT over prefix-aware routing's, and the measured prefix-cache hit
-  rate (cached prompt tokens / prompt tokens, from each response's `usage`) over the ideal.
-Targets: prefix-aware mean TTFT at least `TTFT_TARGET` times lower than power of two choices, a
-hit rate of at least `HIT_TARGET` of the ideal; mixserve offline at least as fast as transformers
+- router rows (shared-prefix and multi-turn workloads, one row per router): mean TTFT over
+  mixserve's prefix-aware routing's in the same workload, and the measured prefix-cache hit rate
+  (cached prompt tokens / prompt tokens, from each response's `usage`), over the ideal for
+  shared-prefix.
+Targets: prefix-aware mean TTFT at least `TTFT_TARGET` times lower than power of two choices and no
+higher than Ray's PrefixCacheAffinityRouter's on the shared-prefix workload, a hit rate of at
+least `HIT_TARGET` of the ideal (multi-turn ratios are recorded without a target); mixserve offline at least as fast as transformers
 in the same dtype, mixserve's best dtype at least as fast as vLLM's best dtype, and mixserve one
 prompt at a time at least as fast as vLLM one prompt at a time (`OFFLINE_TARGET`). Served ratios
 against vLLM's server, TP=2 against 1 replica, and mixserve offline in the served dtype (with
@@ -53,7 +56,8 @@ def _quantized(row: dict) -> bool:
 
 def _row(entry: dict) -> dict:
     res = entry.get("result") or {}
-    workload = "shared-prefix" if entry["stage"] == "prefix" else "random"
+    workload = ((res.get("config") or {}).get("workload")
+                or ("shared-prefix" if entry["stage"] == "prefix" else "random"))
     row = {"label": entry["label"], "stage": entry["stage"], "workload": workload,
            "engine": entry.get("engine"), "mode": entry.get("mode"), "client": entry.get("client"),
            "baseline": entry.get("baseline", False), "routing": entry.get("routing"),
@@ -132,8 +136,8 @@ def render_report(results: list[dict], sizes, kv_prefix: int, per_token: int, id
                  for c in ("mixserve", "vllm")}
     unquantized = {id(r): _find(plain, engine="mixserve", mode=r["mode"], dtype=r["dtype"])
                    for r in rows if _quantized(r)}
-    aware = next((r for r in rows if r["routing"] == "prefix-aware"), None)
-    p2c = next((r for r in rows if r["routing"] == "power-of-two"), None)
+    routed = {(r["workload"], r["routing"]): r for r in rows if r["routing"]}  # the prefix stage's rows
+    aware, p2c = routed.get(("shared-prefix", "prefix-aware")), routed.get(("shared-prefix", "power-of-two"))
     lines = [] if cpu_line is None else [f"CPU: {cpu_line}", ""]
     lines += [
         "| configuration | workload | dtype | output tok/s | ratio | weights GiB | req/s | TTFT mean ms | TTFT p99 ms "
@@ -155,12 +159,16 @@ def render_report(results: list[dict], sizes, kv_prefix: int, per_token: int, id
             base = baselines.get(r["client"])
             if r["mode"] == "served" and base and r is not base:
                 ratios.append(f"{r['tok_s'] / base['tok_s']:.2f}x 1 replica")
-        elif r["workload"] == "shared-prefix" and r["ttft_mean_ms"] and aware and aware["ttft_mean_ms"]:
-            ratios.append(f"TTFT {r['ttft_mean_ms'] / aware['ttft_mean_ms']:.2f}x prefix-aware")
+        elif r["routing"] and r["ttft_mean_ms"]:
+            ours = routed.get((r["workload"], "prefix-aware"))
+            if ours and ours["ttft_mean_ms"]:
+                ratios.append(f"TTFT {r['ttft_mean_ms'] / ours['ttft_mean_ms']:.2f}x prefix-aware")
         ratio = ", ".join(ratios) or "-"
         hits = "-"
         if r["hit_rate"] is not None and r["workload"] == "shared-prefix":
             hits = f"{r['hit_rate']:.1%}" + (f" ({r['hit_rate'] / ideal_hit:.0%})" if ideal_hit else "")
+        elif r["hit_rate"] is not None and r["routing"]:
+            hits = f"{r['hit_rate']:.1%}"
         gib = None if r["weight_bytes"] is None else r["weight_bytes"] / 2**30
         lines.append(
             f"| {r['label']} | {r['workload']} | {r['dtype'] or '-'} | {_f(r['tok_s'], '.1f')} | {ratio} "
@@ -172,6 +180,17 @@ def render_report(results: list[dict], sizes, kv_prefix: int, per_token: int, id
     if aware and p2c and aware["ttft_mean_ms"] and p2c["ttft_mean_ms"]:
         speedup = p2c["ttft_mean_ms"] / aware["ttft_mean_ms"]
         targets["prefix_ttft_speedup"] = {"value": speedup, "target": TTFT_TARGET, "met": speedup >= TTFT_TARGET}
+    for workload in ("shared-prefix", "multi-turn"):
+        ours = routed.get((workload, "prefix-aware"))
+        for other, goal in (("ray-prefix-affinity", 1.0), ("power-of-two", None)):
+            them = routed.get((workload, other))
+            if workload == "shared-prefix" and other == "power-of-two":
+                continue  # prefix_ttft_speedup above
+            if ours and them and ours["ttft_mean_ms"] and them["ttft_mean_ms"]:
+                value = them["ttft_mean_ms"] / ours["ttft_mean_ms"]
+                targets[f"{workload.replace('-', '_')}_ttft_{other.replace('-', '_')}_over_prefix_aware"] = {
+                    "value": value, "target": goal if workload == "shared-prefix" else None,
+                    "met": value >= goal if goal is not None and workload == "shared-prefix" else None}
     if aware and aware["hit_rate"] is not None and ideal_hit:
         frac = aware["hit_rate"] / ideal_hit
         targets["prefix_hit_rate_of_ideal"] = {"value": frac, "target": HIT_TARGET, "met": frac >= HIT_TARGET}

@@ -134,6 +134,13 @@ def test_compare_quick_runs_every_mixserve_stage(tmp_path):
     markdown = (tmp_path / "compare.md").read_text()
     assert markdown.startswith("CPU: ") and "\n| configuration |" in markdown
     _check_quantized_rows(result, markdown)
+    routed = {(s["result"]["config"]["workload"], s["routing"]) for s in result["stages"]
+              if s["stage"] == "prefix" and "result" in s}
+    assert routed == {(w, r) for w in ("shared-prefix", "multi-turn")
+                      for r in ("power-of-two", "prefix-aware", "ray-prefix-affinity")}
+    for name in ("shared_prefix_ttft_ray_prefix_affinity_over_prefix_aware",
+                 "multi_turn_ttft_ray_prefix_affinity_over_prefix_aware", "multi_turn_ttft_power_of_two_over_prefix_aware"):
+        assert result["targets"][name]["value"] > 0
 
 
 def _check_quantized_rows(result, markdown):
