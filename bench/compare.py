@@ -7,8 +7,9 @@ Stages (each may fail or be skipped; the table then says why instead of a figure
    `quantizations` (loader.WeightFormat's defaults otherwise: int4 in groups of 64), each row with
    its weight bytes and its ratio against stage 1's row of the same dtype and mode;
 3. transformers: Hugging Face `generate` on the same prompts in one batch (offline.py);
-4. served: the same prompts over HTTP, closed loop at `concurrency`, 1 replica (2 threads), the
-   same streaming 8 tokens per chunk (`--stream-interval 8`: fewer Ray objects per token), and
+4. served: the same prompts over HTTP, closed loop at `concurrency`, 1 replica (2 threads) as its
+   own ingress (`--ingress direct`, the baseline) and behind the separate ingress, the latter
+   streaming 8 tokens per chunk (`--stream-interval 8`: fewer Ray objects per token), and
    2 replicas (1 thread each, Ray's default power-of-two-choices routing);
 5. tp2: 1 replica with tensor parallelism 2 (a rank per core);
 6. prefix: the shared-prefix workload on 2 replicas, mixserve's prefix-aware router against power of
@@ -504,10 +505,15 @@ def run_compare(model: Path, sizes: CompareSizes, out: Path, skip: set[str], vll
         ([Row("transformers", f"transformers generate (1 batch), {served}",
               tags=dict(engine="transformers", mode="offline", dtype=served))],
          lambda wanted: [_transformers(model, prompts, served)]),
-        ([Row("served", f"mixserve served, 1 replica x 2 threads, {served}", tags=served_tags("mixserve", True)),
-          Row("vllm-client", f"mixserve served, 1 replica x 2 threads, {served} (vLLM's client)", ("served",),
-              served_tags("vllm", True))],
-         lambda wanted: _served(model, one, rand, sizes.concurrency, kernels, client if wanted[1] else None)),
+        ([Row("served", f"mixserve served, 1 replica x 2 threads, direct ingress, {served}",
+              tags=served_tags("mixserve", True)),
+          Row("vllm-client", f"mixserve served, 1 replica x 2 threads, direct ingress, {served} (vLLM's client)",
+              ("served",), served_tags("vllm", True))],
+         lambda wanted: _served(model, dict(one, ingress="direct"), rand, sizes.concurrency, kernels,
+                                client if wanted[1] else None)),
+        ([Row("served", f"mixserve served, 1 replica x 2 threads, separate ingress, {served}",
+              tags=served_tags("mixserve"))],
+         lambda wanted: _served(model, one, rand, sizes.concurrency, kernels)),
         ([Row("served", f"mixserve served, 1 replica x 2 threads, --stream-interval 8, {served}",
               tags=served_tags("mixserve"))],
          lambda wanted: _served(model, dict(one, stream_interval=8), rand, sizes.concurrency, kernels)),

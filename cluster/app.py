@@ -90,6 +90,11 @@ def build_app(settings: ServeSettings) -> serve.Application:
     model = resolve_model(settings)
     name = settings.served_model_name or (_model_name(model) if settings.model else DEMO_MODEL_NAME)
     threads = settings.threads or (max(1, int(settings.replica_cpus)) if settings.tensor_parallel_size == 1 else 1)
+    if settings.ingress == "direct":  # the LLM server is its own ingress: one deployment, named as the LLM server
+        options = {k: v for k, v in _llm_deployment_options(settings).items() if k != "request_router_config"}
+        return serve.deployment(OpenAIIngress).options(**options).bind(
+            None, settings.ingress_options(model, name),
+            (settings.engine_config(model), threads, settings.stream_interval))
     llm = serve.deployment(LLMServer).options(**_llm_deployment_options(settings)).bind(
         settings.engine_config(model), threads, stream_interval=settings.stream_interval
     )

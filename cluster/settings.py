@@ -76,6 +76,10 @@ class ServeSettings(BaseModel):
     placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = "STRICT_PACK"
     max_ongoing_requests: int = Field(64, ge=1, description="requests a replica works on at once")
     max_queued_requests: int = Field(128, ge=1, description="beyond this the API answers 503 + Retry-After")
+    ingress: Literal["separate", "direct"] = Field(
+        "separate", description="separate: an HTTP/gRPC ingress deployment in front of the LLM-server replicas (the "
+        "router sees each prompt); direct: the LLM server is its own ingress (one replica only), so a token crosses "
+        "one Ray hop to the HTTP proxy instead of two")
     stream_interval: int = Field(1, ge=1, description="stream a request's tokens N at a time (its first and last "
                                  "chunks at once): fewer, larger chunks cost less CPU per token")
     # routing
@@ -103,6 +107,13 @@ class ServeSettings(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _direct_ingress_serves_one_replica(self):
+        if self.ingress == "direct" and (self.replicas != 1 or self.min_replicas is not None):
+            raise ValueError("ingress 'direct' serves one replica (the HTTP proxy cannot route by prompt); use "
+                             "ingress 'separate' for several replicas or autoscaling")
+        return self
+
+    @model_validator(mode="after")
     def _autoscaling_pair(self):
         if (self.min_replicas is None) != (self.max_replicas is None):
             raise ValueError("set min_replicas and max_replicas together to autoscale")
@@ -119,7 +130,8 @@ class ServeSettings(BaseModel):
         else:
             replicas = self.max_replicas if at_most else max(self.min_replicas, 1)
         ranks = self.tensor_parallel_size * self.rank_cpus if self.tensor_parallel_size > 1 else 0.0
-        return replicas * (self.replica_cpus + ranks) + self.ingress_replicas * self.ingress_cpus
+        ingress = 0.0 if self.ingress == "direct" else self.ingress_replicas * self.ingress_cpus
+        return replicas * (self.replica_cpus + ranks) + ingress
 
     def engine_config(self, model_path: str) -> EngineConfig:
         """The EngineConfig of one replica."""

@@ -25,6 +25,7 @@ from ..workers.request_checks import max_model_len
 from ..workers.tokenizer import Tokenizer
 from .engine_api import GenerateRequest
 from .grpc_service import GrpcGenerateMixin
+from .llm_server import LLMServer, LocalLLM, RemoteLLM
 from .metrics import ServingMetrics
 from .openai_format import ResponseBuilder
 from .protocol import ChatCompletionRequest, CompletionRequest, ReIsqRequest
@@ -70,8 +71,14 @@ async def _prefetched(chunks):
 
 @serve.ingress(api)
 class OpenAIIngress(GrpcGenerateMixin):
-    def __init__(self, llm_server, options: IngressOptions):
-        self.llm = llm_server
+    """`llm_server`: the LLM-server deployment's handle (a separate deployment behind the router), or
+    None with `engine` = (EngineConfig, torch threads, stream interval) for the direct shape: the
+    engine runs in this replica, which then also answers Serve's health checks and the LLM-server
+    calls (stats, kernel_report) for it."""
+
+    def __init__(self, llm_server, options: IngressOptions, engine: tuple | None = None):
+        self.local = LLMServer(engine[0], engine[1], stream_interval=engine[2]) if engine else None
+        self.llm = LocalLLM(self.local) if self.local else RemoteLLM(llm_server)
         self.opts = options
         model_path = resolve_model(options.model)  # a folder, .gguf file or hub id, on this node
         config = load_model_config(model_path)
@@ -79,11 +86,20 @@ class OpenAIIngress(GrpcGenerateMixin):
                                    max_model_len(options.max_model_len, config.max_position_embeddings),
                                    options.block_size, options.prompt_text)
         self.metrics = ServingMetrics(options.served_model_name)
-        self.pipeline = RequestPipeline(self.model, self._open_stream, self.metrics, RequestLog(options.request_log),
+        self.pipeline = RequestPipeline(self.model, self.llm.open_stream, self.metrics, RequestLog(options.request_log),
                                         options.api_key)
 
-    def _open_stream(self, req: GenerateRequest):
-        return self.llm.options(stream=True).generate.remote(req)
+    # ---- the engine's own calls, in the direct shape -------------------------------------------
+
+    async def check_health(self) -> None:
+        if self.local is not None:
+            await self.local.check_health()
+
+    async def stats(self) -> dict:
+        return await self.local.stats()
+
+    def kernel_report(self) -> dict:
+        return self.local.kernel_report()
 
     # ---- HTTP plumbing ----------------------------------------------------------------------
 
@@ -184,7 +200,7 @@ class OpenAIIngress(GrpcGenerateMixin):
         self._check_auth(request)
         body = self.pipeline.parse(ReIsqRequest, await self._json_body(request))
         try:
-            result = await self.llm.re_isq.remote(body.quantization, body.group_size)
+            result = await self.llm.re_isq(body.quantization, body.group_size)
         except EngineBusyError as exc:
             raise ApiError(409, str(getattr(exc, "cause", None) or exc), "conflict_error", "engine_busy") from None
         except ValueError as exc:

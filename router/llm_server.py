@@ -111,3 +111,44 @@ class LLMServer:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+class RemoteLLM:
+    """The LLM-server deployment seen from a separate ingress: one Ray hop per chunk (the router picks
+    the replica)."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def open_stream(self, req: GenerateRequest):
+        return self.handle.options(stream=True).generate.remote(req)
+
+    async def re_isq(self, quantization: str, group_size: int | None) -> dict:
+        return await self.handle.re_isq.remote(quantization, group_size)
+
+
+class _LocalStream:
+    """An in-process LLMServer.generate stream with the interface of a Serve streaming response."""
+
+    def __init__(self, chunks):
+        self._chunks = chunks
+
+    def __aiter__(self):
+        return self._chunks.__aiter__()
+
+    def cancel(self) -> None:
+        asyncio.ensure_future(self._chunks.aclose())  # its finally aborts the request in the engine
+
+
+class LocalLLM:
+    """An LLMServer in the ingress's own process (the direct shape: the LLM server is its own HTTP
+    ingress, so a chunk crosses no Ray hop before the HTTP proxy)."""
+
+    def __init__(self, server: LLMServer):
+        self.server = server
+
+    def open_stream(self, req: GenerateRequest):
+        return _LocalStream(self.server.generate(req))
+
+    async def re_isq(self, quantization: str, group_size: int | None) -> dict:
+        return await self.server.re_isq(quantization, group_size)

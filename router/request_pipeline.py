@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 
+from ..workers.async_engine import EngineDeadError
 from ..workers.prefix_hash import block_hashes
 from ..workers.request_checks import ContextLengthError, completion_budget, prompt_token_ids
 from ..workers.sampling_params import SamplingParams
@@ -32,9 +33,10 @@ logger = logging.getLogger("mixserve.ingress")
 
 REPLICA_ATTEMPTS = 3  # tries of a request whose replica fails before its first chunk
 RETRY_BACKOFF_S = 0.2  # times the attempt number, before routing again
-# The replica's actor died or cannot be reached, or its engine failed (EngineDeadError arrives as a
-# RayTaskError; a request the engine refused is a ValueError and is caught before these).
-_REPLICA_FAILURES = (RayActorError, ReplicaUnavailableError, RayTaskError)
+# The replica's actor died or cannot be reached, or its engine failed (EngineDeadError, which arrives
+# as a RayTaskError from a separate replica; a request the engine refused is a ValueError and is
+# caught before these).
+_REPLICA_FAILURES = (RayActorError, ReplicaUnavailableError, RayTaskError, EngineDeadError)
 
 
 class ApiError(Exception):
