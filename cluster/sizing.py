@@ -20,6 +20,7 @@ from mixserve.workers.dtype_choice import (
     MEMORY_BUDGET_FRACTION,
     available_memory_bytes,
     choose_dtype,
+    rank_linear_shapes,
     weight_elements_per_rank,
 )
 from mixserve.workers.model_runner import kv_bytes_per_block
@@ -60,16 +61,6 @@ class Sizing:
         ]
 
 
-def _linear_shapes(config: ModelConfig, tp: int, lm_head: bool = False) -> list[tuple[int, int]]:
-    """[out, in] of every attention and MLP/expert weight one rank holds (what quantization touches),
-    and the LM head's when it is quantized too."""
-    c, dh = config, config.head_dim
-    per_layer = [((c.num_heads + 2 * c.num_kv_heads) * dh // tp, c.hidden_size), (c.hidden_size, c.num_heads * dh // tp)]
-    per_layer += [(2 * c.intermediate_size // tp, c.hidden_size), (c.hidden_size, c.intermediate_size // tp)] * max(
-        c.num_experts, 1)
-    return per_layer * c.num_layers + ([(c.vocab_size, c.hidden_size)] if lm_head else [])
-
-
 def quantized_bytes(shape: tuple[int, int], scheme: str, itemsize: int, group_size: int) -> int:
     """Bytes of one [N, K] weight stored as `scheme` (codes and scales; kernels/quantize.py)."""
     n, k = shape
@@ -88,7 +79,8 @@ def size_deployment(settings: ServeSettings, config: ModelConfig) -> Sizing:
         elements += config.vocab_size * config.hidden_size  # the LM head is packed as its own copy
     weight_bytes = elements * dtype.itemsize
     if settings.quantization != "none":
-        for shape in _linear_shapes(config, tp, settings.quantize_lm_head):
+        lm_head = [(config.vocab_size, config.hidden_size)] if settings.quantize_lm_head else []
+        for shape in rank_linear_shapes(config, tp) + lm_head:
             scheme = scheme_for(shape, settings.quantization, settings.quantization_group_size)
             weight_bytes += quantized_bytes(shape, scheme, dtype.itemsize, settings.quantization_group_size)
             weight_bytes -= shape[0] * shape[1] * dtype.itemsize

@@ -31,15 +31,25 @@ class DtypeChoice:
         return str(self.dtype).replace("torch.", "")
 
 
+def rank_linear_shapes(config: ModelConfig, world_size: int = 1) -> list[tuple[int, int]]:
+    """[out, in] of every attention and MLP/expert weight one tensor-parallel rank holds (its slice;
+    what weight-only quantization touches), as workers/loader.py lays them out: fused q/k/v and o,
+    fused gate/up (w13) and down (w2) per expert (one dense MLP counts as one expert)."""
+    c, dh = config, config.head_dim
+    per_layer = [((c.num_heads + 2 * c.num_kv_heads) * dh // world_size, c.hidden_size),
+                 (c.hidden_size, c.num_heads * dh // world_size)]
+    per_layer += [(2 * c.intermediate_size // world_size, c.hidden_size),
+                  (c.hidden_size, c.intermediate_size // world_size)] * max(c.num_experts, 1)
+    return per_layer * c.num_layers
+
+
 def weight_elements_per_rank(config: ModelConfig, world_size: int = 1) -> int:
     """Weights one tensor-parallel rank holds: its slice of attention and MLP/experts, plus the
     replicated embedding, LM head, norms and router gate."""
-    d, dh, i = config.hidden_size, config.head_dim, config.intermediate_size
-    attention = (config.num_heads + 2 * config.num_kv_heads) * dh * d + d * config.num_heads * dh
-    mlp = 3 * i * d * max(config.num_experts, 1)
+    d = config.hidden_size
+    sliced = sum(out * inp for out, inp in rank_linear_shapes(config, world_size))
     replicated_per_layer = 2 * d + config.num_experts * d
-    per_layer = (attention + mlp) // world_size + replicated_per_layer
-    return config.num_layers * per_layer + 2 * config.vocab_size * d + d
+    return sliced + config.num_layers * replicated_per_layer + 2 * config.vocab_size * d + d
 
 
 MEMORY_BUDGET_FRACTION = 0.9  # of the memory available now: what one machine's ranks may take
