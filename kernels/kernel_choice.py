@@ -98,7 +98,7 @@ class LinearKernelChooser:
 
     def pack(self, weight: torch.Tensor) -> LinearWeight:
         """weight: [out, in] -> LinearWeight with the kernel for weights of its shape, dtype and device."""
-        name = f"{weight.shape[0]}x{weight.shape[1]} {str(weight.dtype).replace('torch.', '')}"
+        name = _report_name(weight.shape[0], weight.shape[1], weight.dtype)
         candidates = linear_kernels_for(weight.dtype, weight.device)
         key = (str(weight.device), weight.dtype, *weight.shape)
         packed = None
@@ -115,10 +115,26 @@ class LinearKernelChooser:
             choice = _CHOSEN[key] = Choice(fastest, timings)
             packed = timed[fastest][0] if timed else None
             del timed
-        if name not in self.report:
-            self.report[name] = choice.describe()
-            log.info("linear %s: %s", name, self.report[name])
+        self._report(name, choice.describe())
         return packed if packed is not None else pack_weight(weight, choice.kernel)
+
+    def quantized(self, weight: LinearWeight) -> LinearWeight:
+        """An int8/int4 weight with its weight-only kernel's row limit timed (int_kernel_max_rows), reported."""
+        max_rows = int_kernel_max_rows(weight)
+        group = f"group {weight.group_size}, " if weight.kernel == "int4" else ""
+        self._report(_report_name(weight.out_features, weight.in_features, weight.scales.dtype),
+                     f"{weight.kernel} ({group}weight-only kernel up to {max_rows} rows)")
+        return weight
+
+    def _report(self, name: str, choice: str) -> None:
+        if name not in self.report:
+            self.report[name] = choice
+            log.info("linear %s: %s", name, choice)
+
+
+def _report_name(out_features: int, in_features: int, dtype: torch.dtype) -> str:
+    """The report's key for a weight shape: "out x in dtype"."""
+    return f"{out_features}x{in_features} {str(dtype).replace('torch.', '')}"
 
 
 def int_kernel_max_rows(weight: LinearWeight, rows: tuple[int, ...] = INT_ROWS, repeats: int = 3) -> int:

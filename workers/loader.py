@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..kernels.kernel_choice import LinearKernelChooser, int_kernel_max_rows
+from ..kernels.kernel_choice import LinearKernelChooser
 from ..kernels.linear import LinearWeight, int4_weight, pack_weight
 from ..kernels.quantize import INT4_GROUP_SIZES, QUANTIZATIONS, int4_fits, scheme_for
 from ..kernels.rotary import rotary_table
@@ -102,19 +102,11 @@ def load_model(
     reader = open_checkpoint(path, config)
     kernels = LinearKernelChooser(weights.linear_kernel)
 
-    def quantized(weight: LinearWeight) -> LinearWeight:
-        """Time where its weight-only kernel beats dequantizing (kernels/kernel_choice.py), and report it."""
-        max_rows = int_kernel_max_rows(weight)
-        name = f"{weight.out_features}x{weight.in_features} {str(dtype).replace('torch.', '')}"
-        group = f"group {weight.group_size}, " if weight.kernel == "int4" else ""
-        kernels.report.setdefault(name, f"{weight.kernel} ({group}weight-only kernel up to {max_rows} rows)")
-        return weight
-
     def pack(weight: torch.Tensor, quantize: bool = True) -> LinearWeight:
         scheme = scheme_for(tuple(weight.shape), weights.quantization if quantize else "none", weights.group_size)
         if scheme == "none":
             return kernels.pack(weight)
-        return quantized(pack_weight(weight, scheme, weights.group_size))
+        return kernels.quantized(pack_weight(weight, scheme, weights.group_size))
 
     c = config
     dh, hidden, inter = c.head_dim, c.hidden_size, c.intermediate_size
@@ -137,8 +129,8 @@ def load_model(
         codes = torch.cat([b[0] for b in blocks])  # [rows, in]
         if not int4_fits(tuple(codes.shape), weights.group_size):
             return None
-        return quantized(int4_weight(codes.to(device), torch.cat([b[1] for b in blocks], dim=1).to(device),
-                                     weights.group_size, dtype))
+        scales_zeros = torch.cat([b[1] for b in blocks], dim=1)  # [K/G, rows, 2]
+        return kernels.quantized(int4_weight(codes.to(device), scales_zeros.to(device), weights.group_size, dtype))
 
     def linear_weight(parts: list[tuple[str, tuple[int, int], slice | None]], cols: slice | None = None):
         """The row-wise concatenation of `parts` (name, full shape, this rank's rows), this rank's

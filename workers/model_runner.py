@@ -45,7 +45,6 @@ class ModelRunner:
     ):
         self.config = config
         self.cache = cache
-        self.weights = weights
         self._load = dict(path=model_path, config=config, dtype=dtype, shard=shard, all_reduce=all_reduce,
                           device=device)
         self.model = load_model(**self._load, show_progress=show_progress, weights=weights)
@@ -61,7 +60,6 @@ class ModelRunner:
         self.model = None
         return_freed_memory()
         self.model = load_model(**self._load, weights=weights)
-        self.weights = weights
 
     @torch.inference_mode()
     def execute(self, step: StepInput, sample: bool = True) -> StepOutput | None:
