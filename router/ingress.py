@@ -30,7 +30,7 @@ from .metrics import ServingMetrics
 from .openai_format import ResponseBuilder
 from .protocol import ChatCompletionRequest, CompletionRequest, ReIsqRequest
 from .request_log import RequestLog, RequestRecord
-from .request_pipeline import ApiError, PipelineModel, RequestPipeline
+from .request_pipeline import ApiError, PipelineModel, RequestPipeline, remote_message
 
 logger = logging.getLogger("mixserve.ingress")
 
@@ -202,9 +202,9 @@ class OpenAIIngress(GrpcGenerateMixin):
         try:
             result = await self.llm.re_isq(body.quantization, body.group_size)
         except EngineBusyError as exc:
-            raise ApiError(409, str(getattr(exc, "cause", None) or exc), "conflict_error", "engine_busy") from None
+            raise ApiError(409, remote_message(exc), "conflict_error", "engine_busy") from None
         except ValueError as exc:
-            raise ApiError(400, str(getattr(exc, "cause", None) or exc)) from None
+            raise ApiError(400, remote_message(exc)) from None
         self.metrics.weight_bytes.labels(self.opts.served_model_name, result["replica"]).set(result["weight_bytes"])
         return result
 

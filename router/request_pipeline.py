@@ -39,6 +39,11 @@ RETRY_BACKOFF_S = 0.2  # times the attempt number, before routing again
 _REPLICA_FAILURES = (RayActorError, ReplicaUnavailableError, RayTaskError, EngineDeadError)
 
 
+def remote_message(exc: BaseException) -> str:
+    """The message of an error raised in a replica (Ray wraps it; `cause` is the original)."""
+    return str(getattr(exc, "cause", None) or exc)
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code=None, param=None):
         super().__init__(message)
@@ -145,7 +150,7 @@ class RequestPipeline:
             except BackPressureError:
                 raise ApiError(503, "the server is at capacity; retry shortly", "server_overloaded", 503) from None
             except ValueError as exc:  # the engine refused the request (a RayTaskError that is a ValueError)
-                raise ApiError(400, str(getattr(exc, "cause", None) or exc)) from None
+                raise ApiError(400, remote_message(exc)) from None
             except _REPLICA_FAILURES as exc:
                 failed = record.replica or "a replica"
                 if record.replica and isinstance(exc, (RayActorError, ReplicaUnavailableError)):
