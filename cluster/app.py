@@ -61,7 +61,7 @@ def _llm_deployment_options(s: ServeSettings) -> dict:
         ray_actor_options={"num_cpus": s.replica_cpus},
         health_check_period_s=s.health_check_period_s,
         health_check_timeout_s=s.health_check_timeout_s,
-        graceful_shutdown_timeout_s=10.0,
+        graceful_shutdown_timeout_s=s.graceful_shutdown_timeout_s,
     )
     if s.min_replicas is not None:
         options["autoscaling_config"] = {
@@ -101,6 +101,7 @@ def build_app(settings: ServeSettings) -> serve.Application:
     ingress = serve.deployment(OpenAIIngress).options(
         name="OpenAIIngress", num_replicas=settings.ingress_replicas, max_ongoing_requests=1024,
         ray_actor_options={"num_cpus": settings.ingress_cpus},
+        graceful_shutdown_timeout_s=settings.graceful_shutdown_timeout_s,
     )
     return ingress.bind(llm, settings.ingress_options(model, name))
 

@@ -73,6 +73,9 @@ class ServeSettings(BaseModel):
     ingress_replicas: int = Field(1, ge=1, description="replicas of the HTTP/gRPC ingress")
     health_check_period_s: float = Field(5.0, gt=0, description="how often Serve checks each LLM-server replica")
     health_check_timeout_s: float = Field(60.0, gt=0, description="a replica whose check takes longer is replaced")
+    graceful_shutdown_timeout_s: float = Field(
+        120.0, ge=0, description="a replica being removed (scale-down, redeploy) takes no new requests and gets this "
+        "long to finish the ones it has before it is stopped")
     placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = "STRICT_PACK"
     max_ongoing_requests: int = Field(64, ge=1, description="requests a replica works on at once")
     max_queued_requests: int = Field(128, ge=1, description="beyond this the API answers 503 + Retry-After")

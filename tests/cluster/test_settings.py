@@ -93,4 +93,5 @@ def test_engine_defaults_live_in_one_place_and_flow_as_typed_objects():
         assert getattr(s, name) == getattr(engine, name) == getattr(built, name), name
     options = ServeSettings(api_key="k", max_model_len=99).ingress_options("/models/x", "x")
     assert isinstance(options, IngressOptions) and (options.api_key, options.max_model_len) == ("k", 99)
-    assert _llm_deployment_options(ServeSettings(health_check_period_s=2.5))["health_check_period_s"] == 2.5
+    options = _llm_deployment_options(ServeSettings(health_check_period_s=2.5, graceful_shutdown_timeout_s=7))
+    assert (options["health_check_period_s"], options["graceful_shutdown_timeout_s"]) == (2.5, 7)

@@ -1,6 +1,7 @@
 """A replica dying under load (Ray Serve, 2 LLM-server replicas, loopback HTTP): streams it was serving
 end with an SSE error event and `data: [DONE]` (never a cut connection), requests sent while it dies
-that had no token yet are routed again and succeed, and /metrics drops the dead replica's series."""
+that had no token yet are routed again and succeed, and /metrics drops the dead replica's series.
+Scaling the LLM server down while both replicas stream: the streams on the removed replica finish."""
 
 import json
 import threading
@@ -9,15 +10,24 @@ import time
 import httpx
 import pytest
 import ray
+from ray import serve
+
+from mixserve.cluster.app import build_app
+from mixserve.cluster.serve_command import APP_NAME
 
 from .serve_helpers import start, stop
 
 
 @pytest.fixture(scope="module")
-def two_replicas(tiny_checkpoint):
-    url, _ = start(tiny_checkpoint, replicas=2, replica_cpus=1.0, threads=1, routing_stats_period_s=0.5)
-    yield url
+def served(tiny_checkpoint):
+    url, settings = start(tiny_checkpoint, replicas=2, replica_cpus=1.0, threads=1, routing_stats_period_s=0.5)
+    yield url, settings
     stop()
+
+
+@pytest.fixture
+def two_replicas(served):
+    return served[0]
 
 
 def _replica_actor(replica_id: str):
@@ -88,3 +98,30 @@ def test_killing_a_replica_under_load_ends_its_streams_cleanly_and_loses_no_unst
     while victim in httpx.get(url + "/metrics").text:
         assert time.monotonic() < deadline, "the dead replica's series are still in /metrics"
         time.sleep(0.5)
+
+
+
+def _running_replicas() -> int:
+    return serve.status().applications[APP_NAME].deployments["LLMServer"].replica_states.get("RUNNING", 0)
+
+
+def test_scaling_down_lets_the_removed_replica_finish_its_streams(served):
+    url, settings = served
+    deadline = time.monotonic() + 60
+    while _running_replicas() < 2:  # the killed replica's replacement
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    streams = []
+    while len({s.replica for s in streams}) < 2:
+        assert len(streams) < 16, "the router sent every stream to one replica"
+        streams.append(_Stream(url, 100 + len(streams)))
+        streams[-1].start()
+        assert streams[-1].first_token.wait(60)
+    assert not any(s.done for s in streams)
+    serve.run(build_app(settings.model_copy(update={"replicas": 1})), name=APP_NAME, route_prefix="/")
+    for s in streams:
+        s.join(120)
+    assert _running_replicas() == 1
+    for s in streams:  # on the replica that stayed and on the one removed while they streamed
+        assert s.failure is None and s.done, (s.i, s.failure, s.events[-1:])
+        assert s.events[-1]["choices"][0]["finish_reason"] == "length", s.events[-1]
