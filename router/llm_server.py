@@ -3,12 +3,20 @@
 With tensor parallelism the replica owns ONE placement group (Serve's `placement_group_bundles`):
 the replica actor sits in bundle 0 and its rank actors in bundles 1..TP (see workers/ray_executor.py).
 The replica streams GenerateChunk objects (router/engine_api.py) and publishes its load and
-prefix-cache contents to the prefix-aware router through `record_routing_stats`. If the engine
-fails (a rank died), `check_health` raises and Serve replaces the replica.
+prefix-cache contents to the prefix-aware router through `record_routing_stats`.
+
+Failure rule: a replica whose engine failed (a rank died, a step raised) can serve nothing again, so
+its process leaves at once, EXIT_GRACE_S after its streams got their errors. The router's next call
+to it then fails as an actor death, which takes it out of routing (Serve's router calls
+on_replica_actor_died) instead of it drawing requests (prefix affinity would keep sending it the
+same prefixes) until Serve's health check notices; Serve starts a replacement. Outside Serve (a
+plain process, tests) the engine only reports itself unhealthy and `check_health` raises.
 """
 
 import asyncio
 import logging
+import os
+import threading
 
 import torch
 from ray import serve
@@ -21,23 +29,31 @@ from ..workers.outputs import RequestOutput
 from ..workers.sampling_params import SamplingParams
 from .engine_api import ChoiceDelta, GenerateChunk, GenerateRequest, ReplicaLoad, ReplicaRoutingStats
 
+EXIT_GRACE_S = 1.0  # after an engine failure: time for the error chunks to reach the ingress
+logger = logging.getLogger("ray.serve")
+
 
 class LLMServer:
     def __init__(self, engine_config: EngineConfig, num_threads: int | None = None, max_published_hashes: int = 8192,
                  stream_interval: int = 1):
         if num_threads:
             torch.set_num_threads(num_threads)
-        self.engine = AsyncLLMEngine(LLMEngine(engine_config))
-        engine = self.engine.engine
-        logging.getLogger("ray.serve").info("engine kernels: %s | weights %s: %.2f GiB per rank",
-                                            describe_kernels(engine.kernel_report()), engine.weight_format.quantization,
-                                            engine.weight_bytes() / 2**30)
         try:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
+            in_serve = True
         except RayServeException:  # constructed outside Serve (in-process use, tests)
-            self.replica_id = "local"
+            self.replica_id, in_serve = "local", False
+        self.engine = AsyncLLMEngine(LLMEngine(engine_config), on_failure=self._leave if in_serve else None)
+        engine = self.engine.engine
+        logger.info("engine kernels: %s | weights %s: %.2f GiB per rank", describe_kernels(engine.kernel_report()),
+                    engine.weight_format.quantization, engine.weight_bytes() / 2**30)
         self.max_published_hashes = max_published_hashes
         self.stream_interval = stream_interval
+
+    def _leave(self, exc: BaseException) -> None:
+        logger.error("replica %s: the engine failed (%r); this replica exits in %.1f s and Serve replaces it",
+                     self.replica_id, exc, EXIT_GRACE_S)
+        threading.Timer(EXIT_GRACE_S, os._exit, args=(1,)).start()
 
     def load(self) -> ReplicaLoad:
         engine = self.engine.engine

@@ -9,14 +9,15 @@ adding to it. A reader that falls behind gets the reports it missed folded into 
 concatenated), so a slow consumer costs one item per read instead of one per step. A stream that is
 closed or cancelled before its request finished aborts the request, freeing its KV blocks before
 the next step. If a step raises, every open stream gets the error and the engine reports itself
-unhealthy from then on (the thread keeps answering calls, and never steps again).
+unhealthy from then on (the thread keeps answering calls, and never steps again), and calls
+`on_failure(exc)` once, from the engine thread, after every stream has its error.
 """
 
 import asyncio
 import concurrent.futures
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from itertools import count
 
 import torch
@@ -40,8 +41,9 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, on_failure: Callable[[BaseException], None] | None = None):
         self.engine = engine
+        self._on_failure = on_failure
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # (fn, concurrent Future) run on the engine thread
         self._aborts: set[str] = set()
         self._aborts_lock = threading.Lock()
@@ -130,6 +132,8 @@ class AsyncLLMEngine:
             except BaseException as exc:  # a dead rank, a bug: fail every stream, never hang
                 self._error = exc
                 self._deliver_everywhere(exc)
+                if self._on_failure is not None:
+                    self._on_failure(exc)
                 continue
             self._deliver(outputs)
 
