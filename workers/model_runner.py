@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..kernels.kernel_caches import cap_kernel_caches
 from .config import ModelConfig
 from .loader import ShardSpec, WeightFormat, load_model, return_freed_memory
 from .model import AllReduce, no_all_reduce
@@ -43,6 +44,7 @@ class ModelRunner:
         show_progress: bool = False,
         weights: WeightFormat = WeightFormat(),
     ):
+        cap_kernel_caches()  # before this process's first oneDNN matmul (loading times kernels)
         self.config = config
         self.cache = cache
         self._load = dict(path=model_path, config=config, dtype=dtype, shard=shard, all_reduce=all_reduce,
