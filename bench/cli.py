@@ -1,4 +1,4 @@
-"""The `mixserve bench` subcommand: its parser and the handlers of its modes (offline, serve, compare).
+"""The `mixserve bench` subcommand: its parser and the handlers of its modes (offline, serve, compare, soak).
 
 `add_bench_parser(subparsers)` declares `bench` and its modes, each setting `handler=_run_bench_<mode>`;
 cluster/cli.py lists it in `_SUBCOMMANDS` and calls the handler, whose return value is the exit code.
@@ -58,6 +58,7 @@ def add_bench_parser(subparsers) -> None:
     off.set_defaults(handler=_run_bench_offline)
     _add_bench_serve_parser(modes)
     _add_bench_compare_parser(modes)
+    _add_bench_soak_parser(modes)
 
 
 def _run_bench_offline(args: argparse.Namespace) -> int:
@@ -197,3 +198,60 @@ def _run_bench_compare(args: argparse.Namespace) -> int:
     sizes = replace(CompareSizes.quick() if args.quick else CompareSizes(), **given)
     skip = {s for s in args.skip.split(",") if s} | ({"transformers", "vllm", "vllm-client"} if args.quick else set())
     return run_compare(model, sizes, args.out, skip, args.vllm_venv)
+
+
+def _add_bench_soak_parser(modes) -> None:
+    p = modes.add_parser(
+        "soak",
+        help="start a real server, send mixed traffic with replica kills and client disconnects, check it recovers",
+        description="Closed-loop mixed traffic (completions and chat, streamed or not, some abandoned) against a "
+                    "mixserve started in this process, with replicas killed on schedule. Passes (exit 0) when no "
+                    "request failed before its first token, no connection was cut, KV usage and the replicas' "
+                    "queues return to 0, the serving processes' RSS grew < 5% and each dead replica left /metrics "
+                    "within 30 s. Writes OUT/NAME.json.",
+    )
+    p.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the demo model)")
+    p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--replica-cpus", type=float, default=1.0, help="Ray CPUs of an LLM-server replica")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per replica")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    p.add_argument("--requests", type=int, default=400, help="stop after sending this many")
+    p.add_argument("--duration-s", type=float, default=600.0, help="or after this many seconds")
+    p.add_argument("--kill-replica-at", type=float, default=None, metavar="S",
+                   help="kill the replica serving the most streams S seconds after the start")
+    p.add_argument("--kill-replica-every", type=float, default=None, metavar="S",
+                   help="kill a replica every S seconds (needs --replicas >= 2)")
+    p.add_argument("--disconnect-fraction", type=float, default=0.1,
+                   help="streamed requests the client abandons after the first token")
+    p.add_argument("--max-tokens", type=int, default=64, help="upper bound of max_tokens (drawn from 8..this)")
+    p.add_argument("--warmup", type=int, default=300,
+                   help="requests of the same mix before the run (not counted), so that the first RSS sample is "
+                        "taken once serving this mix has allocated what it keeps (oneDNN's kernel caches fill "
+                        "over the first ~100-300 requests, kernels/kernel_caches.py)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for the JSON result")
+    p.add_argument("--name", default="soak", help="file name stem")
+    p.set_defaults(handler=_run_bench_soak)
+
+
+def _run_bench_soak(args: argparse.Namespace) -> int:
+    from mixserve.cluster.settings import ServeSettings
+    from mixserve.workers.ports import free_port
+
+    from .soak import SoakConfig, run_soak
+
+    if args.kill_replica_every is not None and args.replicas < 2:
+        print("mixserve bench soak: --kill-replica-every needs --replicas >= 2", file=sys.stderr)
+        return 2
+    if not 0.0 <= args.disconnect_fraction <= 1.0:
+        print("mixserve bench soak: --disconnect-fraction is a fraction in [0, 1]", file=sys.stderr)
+        return 2
+    settings = ServeSettings(model=str(args.model) if args.model else None, port=free_port(), replicas=args.replicas,
+                             replica_cpus=args.replica_cpus, threads=args.threads,
+                             tensor_parallel_size=args.tensor_parallel_size)
+    cfg = SoakConfig(concurrency=args.concurrency, requests=args.requests, duration_s=args.duration_s,
+                     kill_at_s=args.kill_replica_at, kill_every_s=args.kill_replica_every,
+                     disconnect_fraction=args.disconnect_fraction, seed=args.seed, max_tokens=args.max_tokens,
+                     warmup=args.warmup)
+    return run_soak(settings, cfg, args.out, args.name)
