@@ -8,7 +8,8 @@ Stages (each may fail or be skipped; the table then says why instead of a figure
    its weight bytes and its ratio against stage 1's row of the same dtype and mode;
 3. transformers: Hugging Face `generate` on the same prompts in one batch (offline.py);
 4. served: the same prompts over HTTP, closed loop at `concurrency`, 1 replica (2 threads) as its
-   own ingress (`--ingress direct`, the baseline) and behind the separate ingress, the latter
+   own ingress serving HTTP itself (`--ingress direct --direct-http`, the baseline), the same
+   through Serve's HTTP proxy (`--ingress direct`), and behind the separate ingress, the latter
    streaming 8 tokens per chunk (`--stream-interval 8`: fewer Ray objects per token), and
    2 replicas (1 thread each, Ray's default power-of-two-choices routing);
 5. tp2: 1 replica with tensor parallelism 2 (a rank per core);
@@ -505,12 +506,15 @@ def run_compare(model: Path, sizes: CompareSizes, out: Path, skip: set[str], vll
         ([Row("transformers", f"transformers generate (1 batch), {served}",
               tags=dict(engine="transformers", mode="offline", dtype=served))],
          lambda wanted: [_transformers(model, prompts, served)]),
-        ([Row("served", f"mixserve served, 1 replica x 2 threads, direct ingress, {served}",
+        ([Row("served", f"mixserve served, 1 replica x 2 threads, direct ingress, HTTP in the replica, {served}",
               tags=served_tags("mixserve", True)),
-          Row("vllm-client", f"mixserve served, 1 replica x 2 threads, direct ingress, {served} (vLLM's client)",
-              ("served",), served_tags("vllm", True))],
-         lambda wanted: _served(model, dict(one, ingress="direct"), rand, sizes.concurrency, kernels,
+          Row("vllm-client", f"mixserve served, 1 replica x 2 threads, direct ingress, HTTP in the replica, {served} "
+                             "(vLLM's client)", ("served",), served_tags("vllm", True))],
+         lambda wanted: _served(model, dict(one, ingress="direct", direct_http=True), rand, sizes.concurrency, kernels,
                                 client if wanted[1] else None)),
+        ([Row("served", f"mixserve served, 1 replica x 2 threads, direct ingress via Serve's HTTP proxy, {served}",
+              tags=served_tags("mixserve"))],
+         lambda wanted: _served(model, dict(one, ingress="direct"), rand, sizes.concurrency, kernels)),
         ([Row("served", f"mixserve served, 1 replica x 2 threads, separate ingress, {served}",
               tags=served_tags("mixserve"))],
          lambda wanted: _served(model, one, rand, sizes.concurrency, kernels)),

@@ -13,6 +13,7 @@ from ray import serve
 from ray.serve.config import HTTPOptions, gRPCOptions
 
 from mixserve.workers.model_source import resolve_model as resolve_source
+from mixserve.workers.ports import free_port
 
 from .app import build_app, resolve_model
 from .ray_start import init_ray
@@ -43,7 +44,11 @@ def start_serve(settings: ServeSettings) -> str:
     grpc = None
     if settings.grpc_port:
         grpc = gRPCOptions(port=settings.grpc_port, grpc_servicer_functions=[GRPC_SERVICER])
-    serve.start(http_options=HTTPOptions(host=settings.host, port=settings.port), grpc_options=grpc)
+    if settings.direct_http:  # the replica holds --port itself; Serve's proxy (gRPC, Serve's routes) moves aside
+        http = HTTPOptions(host="127.0.0.1", port=free_port())
+    else:
+        http = HTTPOptions(host=settings.host, port=settings.port)
+    serve.start(http_options=http, grpc_options=grpc)
     serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{settings.host}:{settings.port}"
     wait_until_healthy(url)

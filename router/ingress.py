@@ -10,9 +10,11 @@ Retry-After; a client that goes away cancels its request in the engine.
 import asyncio
 import json
 import logging
+import threading
 import uuid
 from dataclasses import dataclass
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -45,6 +47,7 @@ class IngressOptions:
     max_body_bytes: int = 1 << 20
     request_log: str | None = None
     prompt_text: bool = False  # the LLM-server's router reads the prompt's text (Ray's prefix-tree router)
+    http_address: tuple[str, int] | None = None  # direct shape: (host, port) this replica serves HTTP on itself
 
 
 api = FastAPI(title="mixserve", docs_url=None, redoc_url=None)
@@ -54,6 +57,17 @@ api = FastAPI(title="mixserve", docs_url=None, redoc_url=None)
 async def _api_error(request: Request, exc: ApiError):
     headers = {"Retry-After": "1"} if exc.status == 503 else None
     return JSONResponse(exc.body, status_code=exc.status, headers=headers)
+
+
+def serve_http_in_thread(host: str, port: int) -> threading.Thread:
+    """Serve this module's FastAPI app on host:port from this process (the direct shape's own HTTP
+    server): uvicorn in a thread with its event loop. The class routes find the ingress object
+    through Serve's replica context, which is process-wide; the engine hands each stream's reports
+    to the loop that opened it, so requests on this loop stream without crossing a Ray hop."""
+    server = uvicorn.Server(uvicorn.Config(api, host=host, port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, name="mixserve-http", daemon=True)
+    thread.start()
+    return thread
 
 
 async def _prefetched(chunks):
@@ -88,6 +102,8 @@ class OpenAIIngress(GrpcGenerateMixin):
         self.metrics = ServingMetrics(options.served_model_name)
         self.pipeline = RequestPipeline(self.model, self.llm.open_stream, self.metrics, RequestLog(options.request_log),
                                         options.api_key)
+        if self.local is not None and options.http_address is not None:
+            serve_http_in_thread(*options.http_address)
 
     # ---- the engine's own calls, in the direct shape -------------------------------------------
 

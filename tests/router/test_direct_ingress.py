@@ -1,6 +1,7 @@
-"""`--ingress direct`: the LLM server is its own HTTP ingress (one deployment, one replica; a token
-crosses one Ray hop to the HTTP proxy instead of two). Same API as the separate ingress: greedy text,
-streaming, chat, metrics, cancellation and the engine calls Serve and the CLI make."""
+"""`--ingress direct --direct-http`: the LLM server is its own HTTP ingress (one deployment, one
+replica) and serves HTTP on the port itself (no Ray hop per token; Serve's proxy moves aside). Same
+API as the separate ingress: greedy text, streaming, chat, metrics, cancellation and the engine
+calls Serve and the CLI make."""
 
 import httpx
 import openai
@@ -18,7 +19,7 @@ from .serve_helpers import llm_stats, start, stop
 
 @pytest.fixture(scope="module")
 def direct(tiny_checkpoint):
-    url, settings = start(tiny_checkpoint, ingress="direct", replica_cpus=1.0)
+    url, settings = start(tiny_checkpoint, ingress="direct", direct_http=True, replica_cpus=1.0)
     yield url, openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
     stop()
 
@@ -28,6 +29,8 @@ def test_direct_shape_is_one_deployment_and_one_replica():
         ServeSettings(ingress="direct", replicas=2)
     with pytest.raises(ValidationError, match="one replica"):
         ServeSettings(ingress="direct", min_replicas=1, max_replicas=2)
+    with pytest.raises(ValidationError, match="needs ingress 'direct'"):
+        ServeSettings(direct_http=True)
 
 
 def test_direct_ingress_serves_the_same_api(direct, tiny_checkpoint):
@@ -44,6 +47,7 @@ def test_direct_ingress_serves_the_same_api(direct, tiny_checkpoint):
     chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=5)
     assert chat.choices[0].message.content is not None and chat.usage.completion_tokens > 0
     bad = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 0}, timeout=30)
+    assert "x-request-id" not in bad.headers  # answered by the replica's own server, not Serve's HTTP proxy
     assert bad.status_code == 400 and "max_tokens" in bad.json()["error"]["message"]
     metrics = httpx.get(url + "/metrics").text
     assert 'mixserve:http_requests_total{endpoint="/v1/completions"' in metrics.replace(f'model_name="{model}",', "")
