@@ -51,6 +51,7 @@ REPLICA_ACTOR_PREFIX = "SERVE_REPLICA::mixserve#LLMServer#"
 PROCESS_KINDS = (("ServeReplica:mixserve:LLMServer", "llm_replica"),
                  ("ServeReplica:mixserve:OpenAIIngress", "ingress"), ("ProxyActor", "http_proxy"))
 RSS_PERIOD_S = 2.0
+KILL_MARGIN_S = 60.0  # no kill this close to the end of the duration: its replacement must serve before the checks
 LEAK_WAIT_S = 30.0
 SERIES_POLL_S, SERIES_GIVE_UP_S = 1.0, 60.0
 REPLACEMENT_WAIT_S = 180.0  # for every replica to be RUNNING again, before a kill and before the leak check
@@ -283,7 +284,7 @@ async def _series_gone(client: httpx.AsyncClient, run: _Run, kill: dict) -> None
 async def _kills(client: httpx.AsyncClient, run: _Run, replicas: int, traffic: asyncio.Task, watchers: list) -> None:
     cfg = run.cfg
     at = cfg.kill_at_s if cfg.kill_at_s is not None else cfg.kill_every_s
-    while at is not None:
+    while at is not None and at <= cfg.duration_s - KILL_MARGIN_S:
         await asyncio.wait({traffic}, timeout=max(0.0, at - run.now()))
         if traffic.done():
             return
