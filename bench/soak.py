@@ -11,7 +11,9 @@ outcome is classified by bench/soak_outcomes.py. Before the run, `warmup` reques
 
 Faults: `kill_at_s` (once) and `kill_every_s` (repeatedly) kill one LLM-server replica actor
 (`ray.kill(..., no_restart=True)`; Serve starts a replacement itself). The victim is the replica
-serving the most streams at that moment (x-mixserve-replica header). A kill waits until Serve
+serving the most streams at that moment (x-mixserve-replica header), never the first replica of
+the run while another is live, so that one replica lives through the whole run and its RSS is
+judged. A kill waits until Serve
 reports every replica RUNNING again, so one replica always lives. Per kill: the seconds until
 /metrics carries no series labelled with the dead replica (polled every 1 s, for up to 60 s) and
 until a request is first answered by a replica that did not exist at the kill.
@@ -284,6 +286,7 @@ async def _series_gone(client: httpx.AsyncClient, run: _Run, kill: dict) -> None
 async def _kills(client: httpx.AsyncClient, run: _Run, replicas: int, traffic: asyncio.Task, watchers: list) -> None:
     cfg = run.cfg
     at = cfg.kill_at_s if cfg.kill_at_s is not None else cfg.kill_every_s
+    kept = min(await asyncio.to_thread(llm_replica_ids), default=None)  # the replica that lives throughout
     while at is not None and at <= cfg.duration_s - KILL_MARGIN_S:
         await asyncio.wait({traffic}, timeout=max(0.0, at - run.now()))
         if traffic.done():
@@ -292,12 +295,13 @@ async def _kills(client: httpx.AsyncClient, run: _Run, replicas: int, traffic: a
         live = await asyncio.to_thread(llm_replica_ids)
         if traffic.done() or not live:
             return
-        for _ in range(50):  # up to 5 s for a live replica to be streaming
-            busy = {r: n for r, n in run.streaming.items() if n > 0 and r in live}
+        candidates = {r for r in live if r != kept} or set(live)
+        for _ in range(50):  # up to 5 s for a candidate to be streaming
+            busy = {r: n for r, n in run.streaming.items() if n > 0 and r in candidates}
             if busy:
                 break
             await asyncio.sleep(0.1)
-        victim = max(busy, key=busy.get) if busy else next(iter(live))
+        victim = max(busy, key=busy.get) if busy else min(candidates)
         await asyncio.to_thread(kill_replica, victim)
         kill = {"replica": victim, "at_s": round(run.now(), 2), "streams_on_it": busy.get(victim, 0),
                 "replicas_at_kill": sorted(live), "metrics_gone_s": None, "replacement_served_s": None}
