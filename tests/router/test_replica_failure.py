@@ -108,9 +108,13 @@ def _running_replicas() -> int:
 def test_scaling_down_lets_the_removed_replica_finish_its_streams(served):
     url, settings = served
     deadline = time.monotonic() + 60
-    while _running_replicas() < 2:  # the killed replica's replacement
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
+    seen: set = set()
+    while _running_replicas() < 2 or len(seen) < 2:  # the replacement, once the ingress's router routes to it
+        assert time.monotonic() < deadline, "the killed replica's replacement never served"
+        r = httpx.post(url + "/v1/completions", json={"prompt": f"probe {len(seen)}", "max_tokens": 1}, timeout=60)
+        if r.status_code == 200:
+            seen.add(r.headers["x-mixserve-replica"])
+        time.sleep(0.2)
     streams = []
     while len({s.replica for s in streams}) < 2:
         assert len(streams) < 16, "the router sent every stream to one replica"
