@@ -133,31 +133,27 @@ def kill_replica(replica: str) -> None:
     ray.kill(ray.get_actor(entry["name"], namespace=entry["namespace"]), no_restart=True)
 
 
-def engine_loads(expected: set[str], wait_s: float = LEAK_WAIT_S) -> dict[str, dict]:
-    """{replica: its latest ReplicaLoad as a dict} from repeated `stats()` calls, until every expected
-    replica has answered idle (no running or waiting request, KV usage 0) or `wait_s` passed."""
+def engine_loads(expected: set[str], wait_s: float = LEAK_WAIT_S) -> dict:
+    """{replica: its latest ReplicaLoad} from repeated `stats()` calls, until every expected replica
+    has answered idle (ReplicaLoad.idle: no running or waiting request, KV usage 0) or `wait_s` passed."""
     from ray import serve
     from ray.exceptions import RayError
     from ray.serve.exceptions import RayServeException
 
     handle = serve.get_deployment_handle("LLMServer", app_name=APP)
-    latest: dict[str, dict] = {}
+    latest: dict = {}
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         try:
-            load = asdict(handle.stats.remote().result(timeout_s=10)["load"])
+            load = handle.stats.remote().result(timeout_s=10)["load"]
         except (RayError, RayServeException, TimeoutError):  # a replica on its way out: ask again
             time.sleep(0.5)
             continue
-        latest[load["replica"]] = load
-        if expected <= {r for r, v in latest.items() if _idle(v)}:
+        latest[load.replica] = load
+        if expected <= {r for r, v in latest.items() if v.idle}:
             break
         time.sleep(0.1)
     return latest
-
-
-def _idle(load: dict) -> bool:
-    return load["num_running"] == 0 and load["num_waiting"] == 0 and load["kv_usage"] == 0
 
 
 def sample_rss() -> dict[int, tuple[str, int]]:
@@ -358,7 +354,8 @@ def run_soak(settings, cfg: SoakConfig, out_dir: Path, name: str) -> int:
         all_up = wait_for_replicas(settings.replicas)
         live = set(llm_replica_ids()) - {k["replica"] for k in run.kills}
         loads = engine_loads(live)
-        leak_passed = all_up and bool(live) and all(r in loads and _idle(loads[r]) for r in live)
+        leak_passed = all_up and bool(live) and all(r in loads and loads[r].idle for r in live)
+        loads = {r: asdict(v) for r, v in loads.items()}
         gauges = replica_series(httpx.get(url + "/metrics", timeout=30).text)
         rss_end = run.sample()
     finally:

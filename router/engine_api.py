@@ -44,6 +44,11 @@ class ReplicaLoad:
     preemptions: int  # cumulative
     weight_bytes: int = 0  # of one rank's weights, quantized codes and scales included
 
+    @property
+    def idle(self) -> bool:
+        """No request running or waiting and no KV block in use (nothing left behind)."""
+        return self.num_running == 0 and self.num_waiting == 0 and self.kv_usage == 0
+
 
 @dataclass(slots=True)
 class GenerateChunk:

@@ -1,5 +1,7 @@
 """Start mixserve's real Serve application on loopback for the serving tests."""
 
+import time
+
 import ray
 from ray import serve
 
@@ -25,3 +27,12 @@ def stop() -> None:
 
 def llm_stats(app: str = "mixserve") -> dict:
     return serve.get_deployment_handle("LLMServer", app_name=app).stats.remote().result()
+
+
+def wait_until_idle(timeout_s: float = 30.0, period_s: float = 0.25):
+    """The LLM server's ReplicaLoad once it is idle (nothing running or waiting, no KV block in use),
+    or its last load after `timeout_s`; the caller asserts `.idle`."""
+    deadline = time.monotonic() + timeout_s
+    while not (load := llm_stats()["load"]).idle and time.monotonic() < deadline:
+        time.sleep(period_s)
+    return load

@@ -14,7 +14,7 @@ from mixserve.workers.engine import LLMEngine
 from mixserve.workers.engine_config import EngineConfig
 from mixserve.workers.sampling_params import SamplingParams
 
-from .serve_helpers import llm_stats, start, stop
+from .serve_helpers import start, stop, wait_until_idle
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +61,7 @@ def test_a_closed_stream_frees_its_blocks_in_the_engine(direct):
         with http.stream("POST", url + "/v1/completions", json=body) as r:
             lines = r.iter_lines()
             assert next(line for line in lines if line.startswith("data: "))
-    import time
-
-    deadline = time.monotonic() + 30
-    while (load := llm_stats()["load"]).num_running and time.monotonic() < deadline:
-        time.sleep(0.2)
+    load = wait_until_idle()
     assert (load.num_running, load.kv_usage) == (0, 0.0)
     report = serve.get_deployment_handle("LLMServer", "mixserve").kernel_report.remote().result(timeout_s=60)
     assert report["linear_kernels"]

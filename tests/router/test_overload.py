@@ -7,13 +7,12 @@ requests at once and queueing 4, loopback HTTP):
   the engine ends with nothing running or waiting and its KV cache empty."""
 
 import asyncio
-import time
 
 import httpx
 import psutil
 import pytest
 
-from .serve_helpers import llm_stats, start, stop
+from .serve_helpers import start, stop, wait_until_idle
 
 FLOOD = 300  # requests at once, 50x what the server holds (2 running + 4 queued)
 
@@ -43,16 +42,6 @@ async def _flood(url: str, n: int) -> list[httpx.Response]:
             client.post(url + "/v1/completions", json={"prompt": f"flood {i}", "max_tokens": 8}) for i in range(n)))
 
 
-def _assert_idle_engine(timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        load = llm_stats()["load"]
-        if (load.num_running, load.num_waiting, load.kv_usage) == (0, 0, 0.0):
-            return
-        assert time.monotonic() < deadline, f"requests or KV blocks left in the engine: {load}"
-        time.sleep(0.5)
-
-
 def test_a_flood_gets_503_with_retry_after_bounded_memory_and_the_server_recovers(small_server):
     url = small_server
     waves, rss = [], [_serving_rss()]
@@ -69,7 +58,8 @@ def test_a_flood_gets_503_with_retry_after_bounded_memory_and_the_server_recover
                 assert r.json()["error"]["code"] == 503 and r.json()["error"]["message"]
     # the first wave warms caches and pools; later waves of the same size must not add memory
     assert rss[3] - rss[1] < 64 << 20, [f"{b / 2**20:.0f} MiB" for b in rss]
-    _assert_idle_engine()
+    load = wait_until_idle()
+    assert load.idle, f"requests or KV blocks left in the engine: {load}"
     r = httpx.post(url + "/v1/completions", json={"prompt": "after the flood", "max_tokens": 4}, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
 
@@ -110,6 +100,7 @@ def test_disconnect_storms_leave_nothing_running_and_no_kv_blocks(small_server):
     assert started >= 10, started
     timed_out = asyncio.run(_time_out_queued(url, 6))
     assert timed_out >= 4, timed_out
-    _assert_idle_engine()
+    load = wait_until_idle()
+    assert load.idle, f"requests or KV blocks left in the engine: {load}"
     r = httpx.post(url + "/v1/completions", json={"prompt": "after the storm", "max_tokens": 4}, timeout=60)
     assert r.status_code == 200

@@ -13,7 +13,7 @@ from mixserve.workers.engine import LLMEngine
 from mixserve.workers.engine_config import EngineConfig
 from mixserve.workers.sampling_params import SamplingParams
 
-from .serve_helpers import free_port, llm_stats, start, stop
+from .serve_helpers import free_port, llm_stats, start, stop, wait_until_idle
 
 KEY = "test-key-123"
 
@@ -164,12 +164,7 @@ def test_closing_8_streams_early_leaves_no_kv_blocks_in_use(server):
                         seen += 1
                         if seen == 2:
                             break
-    deadline = time.monotonic() + 30
-    while True:
-        load = llm_stats()["load"]
-        if (load.num_running, load.num_waiting, load.kv_usage) == (0, 0, 0.0) or time.monotonic() > deadline:
-            break
-        time.sleep(0.25)
+    load = wait_until_idle()
     assert (load.num_running, load.num_waiting, load.kv_usage) == (0, 0, 0.0)
 
 
