@@ -29,11 +29,11 @@ async def _stream(engine: AsyncLLMEngine, prompt_ids: list[int], params: Samplin
 
 
 def run_demo(model: Path, message: str, max_tokens: int, seed: int) -> int:
-    engine = LLMEngine(EngineConfig(model=str(model), kv_cache_bytes=64 << 20))
+    driver = AsyncLLMEngine(lambda: LLMEngine(EngineConfig(model=str(model), kv_cache_bytes=64 << 20)))
+    engine = driver.engine
     prompt_ids = engine.tokenizer.encode_chat([{"role": "user", "content": message}])
     print(f"model: {engine.model_path}\nuser: {message}\nassistant: ", end="", flush=True)
     params = SamplingParams(temperature=0.8, top_p=0.95, seed=seed, max_tokens=max_tokens)
-    driver = AsyncLLMEngine(engine)
     start = time.perf_counter()
     tokens, ttft = asyncio.run(_stream(driver, prompt_ids, params))
     total = time.perf_counter() - start

@@ -43,7 +43,7 @@ class LLMServer:
             in_serve = True
         except RayServeException:  # constructed outside Serve (in-process use, tests)
             self.replica_id, in_serve = "local", False
-        self.engine = AsyncLLMEngine(LLMEngine(engine_config), on_failure=self._leave if in_serve else None)
+        self.engine = AsyncLLMEngine(lambda: LLMEngine(engine_config), on_failure=self._leave if in_serve else None)
         engine = self.engine.engine
         logger.info("engine kernels: %s | weights %s: %.2f GiB per rank", describe_kernels(engine.kernel_report()),
                     engine.weight_format.quantization, engine.weight_bytes() / 2**30)

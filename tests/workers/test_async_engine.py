@@ -1,6 +1,7 @@
 """The asyncio driver: concurrent streams, cancellation, errors."""
 
 import asyncio
+import threading
 
 import pytest
 
@@ -25,6 +26,30 @@ def test_concurrent_streams_match_blocking_generate(tiny_checkpoint):
 
     assert asyncio.run(main()) == expected
     engine.shutdown()
+
+
+def test_a_builder_runs_on_the_engine_thread_and_its_error_reaches_the_caller(tiny_checkpoint):
+    # The thread rule (workers/async_engine.py): the thread that steps the engine also builds it.
+    built_on = []
+
+    def build():
+        built_on.append(threading.current_thread())
+        return make_engine(tiny_checkpoint)
+
+    engine = AsyncLLMEngine(build)
+    assert built_on == [engine._thread] and engine._thread is not threading.current_thread()
+
+    async def main():
+        return [out async for out in engine.generate(random_prompts([9], seed=3)[0], greedy(4))]
+
+    assert asyncio.run(main())[-1].finished
+    engine.shutdown()
+
+    def fail():
+        raise ValueError("no such checkpoint")
+
+    with pytest.raises(ValueError, match="no such checkpoint"):
+        AsyncLLMEngine(fail)
 
 
 def test_closing_streams_early_frees_all_blocks(tiny_checkpoint):
