@@ -47,6 +47,7 @@ from pathlib import Path
 
 from mixserve.workers.ports import free_port
 
+from .local_server import local_server
 from .plots import plot_bars, plot_latency_cdfs, write_json
 from .serve import LoadConfig, format_summary, run_load_sync
 from .vllm_client import client_args, summarize_result
@@ -291,20 +292,11 @@ def _served_model(url: str) -> str:
 
 @contextmanager
 def _mixserve_server(model: str, settings: dict):
-    import ray
-    from ray import serve
-
-    from mixserve.cluster.ray_start import init_ray
-    from mixserve.cluster.serve_command import start_serve
     from mixserve.cluster.settings import ServeSettings
 
     s = ServeSettings(model=model, port=free_port(), routing_stats_period_s=0.5, **settings)
-    init_ray(num_cpus=4, log_to_driver=False)  # logical CPUs: 2 replicas + ingress fit
-    try:
-        yield start_serve(s), s
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with local_server(s, num_cpus=4) as url:  # logical CPUs: 2 replicas + ingress fit
+        yield url, s
 
 
 def _replica_kernels(offline_kernels: dict, dtype: str) -> dict:

@@ -45,6 +45,7 @@ from pathlib import Path
 import httpx
 
 from mixserve.kernels.capability import cpu_capability
+from .local_server import local_server
 from .soak_outcomes import (OUTCOMES, RSS_GROWTH_LIMIT, Transcript, classify, json_or_text, message_group,
                             replica_series, rss_growth, verdict)
 
@@ -335,20 +336,10 @@ async def _soak(run: _Run, replicas: int) -> str:
 
 def run_soak(settings, cfg: SoakConfig, out_dir: Path, name: str) -> int:
     """Start the server, soak it, print the summary, write `out_dir/name.json`; 0 when the verdict passes."""
-    import math
-
-    import ray
-    from ray import serve
-
-    from mixserve.cluster.ray_start import init_ray
-    from mixserve.cluster.serve_command import start_serve
     from .plots import write_json
 
     print(f"cpu: {cpu_capability().line()}", flush=True)
-    # as start_serve would start it, without the replicas' logs in this command's output
-    init_ray(num_cpus=max(os.cpu_count() or 1, math.ceil(settings.cpus_needed(at_most=True))), log_to_driver=False)
-    try:
-        url = start_serve(settings)
+    with local_server(settings) as url:
         run = _Run(cfg, url)
         model = asyncio.run(_soak(run, settings.replicas))
         all_up = wait_for_replicas(settings.replicas)
@@ -358,9 +349,6 @@ def run_soak(settings, cfg: SoakConfig, out_dir: Path, name: str) -> int:
         loads = {r: asdict(v) for r, v in loads.items()}
         gauges = replica_series(httpx.get(url + "/metrics", timeout=30).text)
         rss_end = run.sample()
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     summary = summarize(run, settings, model, leak_passed, loads, gauges, all_up, rss_end)
     print(format_summary(summary), flush=True)
     print(f"wrote {write_json(out_dir / f'{name}.json', summary)}", flush=True)
