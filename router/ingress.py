@@ -55,7 +55,7 @@ api = FastAPI(title="mixserve", docs_url=None, redoc_url=None)
 
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError):
-    headers = {"Retry-After": "1"} if exc.status == 503 else None
+    headers = {"Retry-After": "1", **exc.headers} if exc.status == 503 else exc.headers
     return JSONResponse(exc.body, status_code=exc.status, headers=headers)
 
 
@@ -186,7 +186,12 @@ class OpenAIIngress(GrpcGenerateMixin):
         yields the SSE events (the first chunk is awaited first, so errors before it stay HTTP statuses)."""
         record.start(req.request_id, len(req.prompt_token_ids))
         if not stream:
-            result = await self._until_done_or_disconnected(request, collect(self.pipeline.chunks(req, record)))
+            try:
+                result = await self._until_done_or_disconnected(request, collect(self.pipeline.chunks(req, record)))
+            except ApiError as exc:  # e.g. its replica died: the error names it, as a success would
+                if record.replica:
+                    exc.headers["X-Mixserve-Replica"] = record.replica
+                raise
             return JSONResponse(result, headers={"X-Mixserve-Replica": record.replica})
         chunks = await _prefetched(self.pipeline.chunks(req, record))
         return self._sse(req.request_id, endpoint, record, events(chunks))

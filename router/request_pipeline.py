@@ -48,6 +48,7 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code=None, param=None):
         super().__init__(message)
         self.status, self.body = status, error_body(message, type_, code, param)
+        self.headers: dict[str, str] = {}  # extra response headers (e.g. the replica that failed)
 
     @property
     def message(self) -> str:

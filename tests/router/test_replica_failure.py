@@ -47,7 +47,8 @@ class _Stream(threading.Thread):
         self.first_token = threading.Event()
 
     def run(self):
-        body = {"prompt": f"stream {self.i} goes on", "max_tokens": 480, "stream": True, "ignore_eos": True}
+        prompt = FIRST_STREAM_PROMPT if self.i == 0 else f"stream {self.i} goes on"
+        body = {"prompt": prompt, "max_tokens": 480, "stream": True, "ignore_eos": True}
         try:
             with httpx.stream("POST", self.url + "/v1/completions", json=body, timeout=120) as r:
                 self.replica = r.headers["x-mixserve-replica"]
@@ -65,6 +66,23 @@ class _Stream(threading.Thread):
             self.first_token.set()
 
 
+# a whole KV block (16 tokens) and more: requests that start with it follow stream 0 to its replica
+# (prefix routing); with 480 new tokens it stays within the test server's 512-token context
+FIRST_STREAM_PROMPT = "The first stream tells a long story about rivers, stones, gardens and winter light, "
+
+
+class _Unstreamed(threading.Thread):
+    """One non-streamed completion; its response."""
+
+    def __init__(self, url: str, i: int):
+        super().__init__(daemon=True)
+        self.url, self.i, self.response = url, i, None
+
+    def run(self):
+        body = {"prompt": FIRST_STREAM_PROMPT + f"whole answer {self.i} please", "max_tokens": 400, "ignore_eos": True}
+        self.response = httpx.post(self.url + "/v1/completions", json=body, timeout=120)
+
+
 def test_killing_a_replica_under_load_ends_its_streams_cleanly_and_loses_no_unstarted_request(two_replicas):
     url = two_replicas
     streams = [_Stream(url, i) for i in range(12)]
@@ -72,14 +90,31 @@ def test_killing_a_replica_under_load_ends_its_streams_cleanly_and_loses_no_unst
         s.start()
     for s in streams:
         assert s.first_token.wait(60)
+    time.sleep(1.5)  # stream 0's prompt blocks reach the router (routing stats every 0.5 s)
+    unstreamed = [_Unstreamed(url, i) for i in range(4)]  # routed to stream 0's replica, the victim
+    for u in unstreamed:
+        u.start()
+    time.sleep(1.0)  # admitted there
     victim = streams[0].replica
     ray.kill(_replica_actor(victim), no_restart=True)
     late = []  # sent while the replica dies: none had a token yet, so each must be routed again and succeed
     for i in range(8):
         late.append(httpx.post(url + "/v1/completions", json={"prompt": f"late {i}", "max_tokens": 4}, timeout=120))
-    for s in streams:
+    for s in streams + unstreamed:
         s.join(120)
 
+    # a non-streamed request on the dead replica: 503, OpenAI's error body, and the header naming the
+    # replica, as its success would have (the rest finish normally)
+    for u in unstreamed:
+        r = u.response
+        assert r.status_code in (200, 503), r.text
+        if r.status_code == 503:
+            assert r.json()["error"]["code"] == "replica_failed", r.text
+            assert r.headers["x-mixserve-replica"] == victim and r.headers["retry-after"] == "1"
+        else:
+            assert r.json()["choices"][0]["finish_reason"] == "length"
+            assert r.headers["x-mixserve-replica"]
+    assert any(u.response.status_code == 503 for u in unstreamed), [u.response.headers for u in unstreamed]
     assert all(r.status_code == 200 for r in late), [r.text for r in late if r.status_code != 200]
     assert all(s.failure is None and s.done for s in streams), [(s.i, s.failure, s.done) for s in streams]
     on_victim = [s for s in streams if s.replica == victim]
