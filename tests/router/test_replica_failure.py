@@ -142,7 +142,7 @@ def _running_replicas() -> int:
 
 def test_scaling_down_lets_the_removed_replica_finish_its_streams(served):
     url, settings = served
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120  # Serve notices the death at a health check, then starts and loads a replica
     seen: set = set()
     while _running_replicas() < 2 or len(seen) < 2:  # the replacement, once the ingress's router routes to it
         assert time.monotonic() < deadline, "the killed replica's replacement never served"
