@@ -21,7 +21,7 @@ def local_server(settings, num_cpus: int | None = None) -> Iterator[str]:
     from mixserve.cluster.serve_command import start_serve
 
     num_cpus = num_cpus or max(os.cpu_count() or 1, math.ceil(settings.cpus_needed(at_most=True)))
-    init_ray(num_cpus=num_cpus, log_to_driver=False)
+    init_ray(num_cpus=num_cpus, log_to_driver=False, head_env=settings.local_head_env())
     try:
         yield start_serve(settings)
     finally:

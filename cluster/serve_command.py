@@ -32,7 +32,7 @@ def start_serve(settings: ServeSettings) -> str:
     # add included (Ray CPUs are scheduling units; torch threads are set by --threads), so
     # `--replica-cpus 2` or `--max-replicas 3` on a 2-core laptop still starts and scales.
     needed, at_most = settings.cpus_needed(), settings.cpus_needed(at_most=True)
-    init_ray(settings.address, num_cpus=max(os.cpu_count() or 1, math.ceil(at_most)))
+    init_ray(settings.address, num_cpus=max(os.cpu_count() or 1, math.ceil(at_most)), head_env=settings.local_head_env())
     have = ray.cluster_resources().get("CPU", 0.0)
     if have < needed:
         print(f"warning: the app asks for {needed:g} CPUs, the Ray cluster has {have:g}; replicas stay pending "
@@ -44,11 +44,16 @@ def start_serve(settings: ServeSettings) -> str:
     grpc = None
     if settings.grpc_port:
         grpc = gRPCOptions(port=settings.grpc_port, grpc_servicer_functions=[GRPC_SERVICER])
-    if settings.direct_http:  # the replica holds --port itself; Serve's proxy (gRPC, Serve's routes) moves aside
-        http = HTTPOptions(host="127.0.0.1", port=free_port())
+    if settings.direct_http and grpc is None:
+        # The replica holds --port itself and nothing needs Serve's proxy: none is started. Measured on
+        # CPU class [avx2 avx512_bf16 avx512f], 2 cores: an idle proxy actor wakes ~100x/s, and with it
+        # (and the controller at 0.1 s) a batch-32 decode step of a plain process beside the idle app took
+        # ~80 ms instead of ~65; served throughput rose ~9% without it (and the controller at 0.5 s).
+        serve.start(proxy_location="Disabled")
+    elif settings.direct_http:  # the replica holds --port itself; Serve's proxy (gRPC only) moves aside
+        serve.start(http_options=HTTPOptions(host="127.0.0.1", port=free_port()), grpc_options=grpc)
     else:
-        http = HTTPOptions(host=settings.host, port=settings.port)
-    serve.start(http_options=http, grpc_options=grpc)
+        serve.start(http_options=HTTPOptions(host=settings.host, port=settings.port), grpc_options=grpc)
     serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{settings.host}:{settings.port}"
     wait_until_healthy(url)

@@ -106,6 +106,15 @@ class ServeSettings(BaseModel):
     request_log: str | None = None
     # cluster
     address: str | None = Field(None, description="'auto' or host:port of a running Ray cluster")
+    serve_control_loop_s: float = Field(
+        0.5, gt=0, description="period of Ray Serve's controller loop (RAY_SERVE_CONTROL_LOOP_INTERVAL_S, Ray's "
+        "default 0.1 s) in a head `mixserve serve` starts; on a cluster you start, set that variable on the head. "
+        "Each pass wakes the controller and Ray's GCS; on a small CPU machine those wake-ups preempt the engine's "
+        "threads. Serve then reacts to health checks and load up to this much later")
+
+    def local_head_env(self) -> dict[str, str]:
+        """Environment of a local Ray head started for these settings (cluster/ray_start.py)."""
+        return {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": str(self.serve_control_loop_s)}
 
     @model_validator(mode="after")
     def _group_size(self):

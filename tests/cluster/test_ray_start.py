@@ -1,4 +1,7 @@
-"""init_ray: a local head that fails to come up is torn down and started again."""
+"""init_ray: a local head that fails to come up is torn down and started again; a local head's
+environment reaches its workers and leaves the caller's as it was."""
+
+import os
 
 import ray
 
@@ -23,5 +26,22 @@ def test_a_local_head_that_times_out_is_restarted(monkeypatch):
         ray_start.init_ray(num_cpus=1, log_to_driver=False)
         assert len(calls) == 2
         assert ray.get(ray.put("alive")) == "alive"
+    finally:
+        ray.shutdown()
+
+
+def test_a_local_heads_environment_reaches_its_workers_and_is_then_undone(monkeypatch):
+    monkeypatch.setenv("MIXSERVE_TEST_KEPT", "the caller's")
+    monkeypatch.delenv("MIXSERVE_TEST_HEAD", raising=False)
+
+    @ray.remote(num_cpus=0)
+    def seen():
+        return os.environ.get("MIXSERVE_TEST_HEAD"), os.environ.get("MIXSERVE_TEST_KEPT")
+
+    try:
+        ray_start.init_ray(num_cpus=1, log_to_driver=False,
+                           head_env={"MIXSERVE_TEST_HEAD": "set", "MIXSERVE_TEST_KEPT": "overridden"})
+        assert "MIXSERVE_TEST_HEAD" not in os.environ and os.environ["MIXSERVE_TEST_KEPT"] == "the caller's"
+        assert ray.get(seen.remote()) == ("set", "the caller's")
     finally:
         ray.shutdown()

@@ -16,7 +16,7 @@ def start(checkpoint, **overrides) -> tuple[str, ServeSettings]:
         "model": str(checkpoint), "port": free_port(), "dtype": "float32", "max_model_len": 512,
         "kv_cache_bytes": 32 << 20, "replica_cpus": 1.0, "routing_stats_period_s": 0.5, **overrides,
     })
-    init_ray(num_cpus=4, log_to_driver=False)
+    init_ray(num_cpus=4, log_to_driver=False, head_env=settings.local_head_env())  # as `mixserve serve` starts it
     return start_serve(settings), settings
 
 

@@ -1,5 +1,5 @@
 """`--ingress direct --direct-http`: the LLM server is its own HTTP ingress (one deployment, one
-replica) and serves HTTP on the port itself (no Ray hop per token; Serve's proxy moves aside). Same
+replica) and serves HTTP on the port itself (no Ray hop per token; no Serve proxy runs). Same
 API as the separate ingress: greedy text, streaming, chat, metrics, cancellation and the engine
 calls Serve and the CLI make."""
 
@@ -36,6 +36,7 @@ def test_direct_shape_is_one_deployment_and_one_replica():
 def test_direct_ingress_serves_the_same_api(direct, tiny_checkpoint):
     url, client = direct
     assert list(serve.status().applications["mixserve"].deployments) == ["LLMServer"]
+    assert serve.status().proxies == {}  # no gRPC asked for: Serve's proxy is not started at all
     model = client.models.list().data[0].id
     offline = LLMEngine(EngineConfig(model=str(tiny_checkpoint), dtype="float32", num_blocks=128))
     expected = offline.generate(["The direct route"], SamplingParams(temperature=0, max_tokens=12))[0].outputs[0].text
