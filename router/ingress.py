@@ -204,6 +204,8 @@ class OpenAIIngress(GrpcGenerateMixin):
 
     @api.get("/metrics")
     async def metrics_text(self):
+        if self.local is not None:  # direct shape: the engine's gauges as they are now, not as the last chunk
+            self.metrics.observe_load(self.local.load())  # left them (a stream abandoned mid-way sends none after)
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @api.get("/v1/models")

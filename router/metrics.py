@@ -2,7 +2,10 @@
 
 Names follow vLLM's (`vllm:` -> `mixserve:`) so existing dashboards map over. Request metrics are
 observed at the ingress; per-replica engine gauges come from the load each replica attaches to
-every chunk it streams (router/engine_api.py ReplicaLoad), labelled by replica.
+every chunk it streams (router/engine_api.py ReplicaLoad), labelled by replica. In the direct shape
+(the engine in the ingress's process) a scrape also reads the engine's load at that moment; behind a
+separate ingress a replica's gauges keep the last chunk's values until its next chunk (so after a
+stream abandoned mid-way they can show it as still running).
 """
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest

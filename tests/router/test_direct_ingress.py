@@ -64,5 +64,9 @@ def test_a_closed_stream_frees_its_blocks_in_the_engine(direct):
             assert next(line for line in lines if line.startswith("data: "))
     load = wait_until_idle()
     assert (load.num_running, load.kv_usage) == (0, 0.0)
+    # /metrics shows the engine as it is now, not as the abandoned stream's last chunk left it (1 running)
+    gauges = [line for line in httpx.get(url + "/metrics").text.splitlines()
+              if line.startswith(("mixserve:num_requests_running{", "mixserve:kv_cache_usage_perc{"))]
+    assert len(gauges) == 2 and all(float(line.split()[-1]) == 0.0 for line in gauges), gauges
     report = serve.get_deployment_handle("LLMServer", "mixserve").kernel_report.remote().result(timeout_s=60)
     assert report["linear_kernels"]
