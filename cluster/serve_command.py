@@ -28,11 +28,8 @@ def start_serve(settings: ServeSettings) -> str:
     # Resolved once here (a hub id downloads with a progress bar): a model that cannot be had or cannot
     # fit fails before Ray starts, and the replicas on this node then find it in the hub cache.
     settings = report_sizing(settings, resolve_source(resolve_model(settings), show_progress=True))
-    # A local head gets at least the logical CPUs the app may ask for, every replica autoscaling may
-    # add included (Ray CPUs are scheduling units; torch threads are set by --threads), so
-    # `--replica-cpus 2` or `--max-replicas 3` on a 2-core laptop still starts and scales.
+    init_ray_for(settings)
     needed, at_most = settings.cpus_needed(), settings.cpus_needed(at_most=True)
-    init_ray(settings.address, num_cpus=max(os.cpu_count() or 1, math.ceil(at_most)), head_env=settings.local_head_env())
     have = ray.cluster_resources().get("CPU", 0.0)
     if have < needed:
         print(f"warning: the app asks for {needed:g} CPUs, the Ray cluster has {have:g}; replicas stay pending "
@@ -50,14 +47,25 @@ def start_serve(settings: ServeSettings) -> str:
         # (and the controller at 0.1 s) a batch-32 decode step of a plain process beside the idle app took
         # ~80 ms instead of ~65; served throughput rose ~9% without it (and the controller at 0.5 s).
         serve.start(proxy_location="Disabled")
-    elif settings.direct_http:  # the replica holds --port itself; Serve's proxy (gRPC only) moves aside
-        serve.start(http_options=HTTPOptions(host="127.0.0.1", port=free_port()), grpc_options=grpc)
     else:
-        serve.start(http_options=HTTPOptions(host=settings.host, port=settings.port), grpc_options=grpc)
+        if settings.direct_http:  # the replica holds --port itself; Serve's proxy (gRPC only) moves aside
+            http = HTTPOptions(host="127.0.0.1", port=free_port())
+        else:
+            http = HTTPOptions(host=settings.host, port=settings.port)
+        serve.start(http_options=http, grpc_options=grpc)
     serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{settings.host}:{settings.port}"
     wait_until_healthy(url)
     return url
+
+
+def init_ray_for(settings: ServeSettings, *, num_cpus: int | None = None, log_to_driver: bool = True) -> None:
+    """Join settings.address, or start a local head with the settings' environment and, unless
+    `num_cpus` says otherwise, at least the logical CPUs the app may ask for, every replica
+    autoscaling may add included (Ray CPUs are scheduling units; torch threads are set by --threads),
+    so `--replica-cpus 2` or `--max-replicas 3` on a 2-core laptop still starts and scales."""
+    num_cpus = num_cpus or max(os.cpu_count() or 1, math.ceil(settings.cpus_needed(at_most=True)))
+    init_ray(settings.address, num_cpus=num_cpus, log_to_driver=log_to_driver, head_env=settings.local_head_env())
 
 
 def report_sizing(settings: ServeSettings, model_path) -> ServeSettings:

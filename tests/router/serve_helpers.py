@@ -5,8 +5,7 @@ import time
 import ray
 from ray import serve
 
-from mixserve.cluster.ray_start import init_ray
-from mixserve.cluster.serve_command import start_serve
+from mixserve.cluster.serve_command import init_ray_for, start_serve
 from mixserve.cluster.settings import ServeSettings
 from mixserve.workers.ports import free_port
 
@@ -16,7 +15,7 @@ def start(checkpoint, **overrides) -> tuple[str, ServeSettings]:
         "model": str(checkpoint), "port": free_port(), "dtype": "float32", "max_model_len": 512,
         "kv_cache_bytes": 32 << 20, "replica_cpus": 1.0, "routing_stats_period_s": 0.5, **overrides,
     })
-    init_ray(num_cpus=4, log_to_driver=False, head_env=settings.local_head_env())  # as `mixserve serve` starts it
+    init_ray_for(settings, num_cpus=4, log_to_driver=False)  # the head's environment as `mixserve serve` gives it
     return start_serve(settings), settings
 
 
