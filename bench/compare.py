@@ -28,7 +28,9 @@ The served dtype (servers and transformers) is `dtype` resolved as mixserve reso
 (workers/dtype_choice.py: auto = what mixserve picks on this CPU), the same for both engines.
 Served stages start mixserve in this process on a free loopback port and shut Ray down after each.
 The machine is shared: every figure carries the load average, and ratios within one run are the
-figures to trust. compare.json records the CPU (kernels/capability.py) and every mixserve figure
+figures to trust. This VM's speed drifts by 10-15% from one minute to the next, so each throughput
+the targets compare (the offline batch runs of both engines, vLLM's client against each server)
+runs `repeats` times and the median run is the figure, every run's listed under "runs". compare.json records the CPU (kernels/capability.py) and every mixserve figure
 its engine's kernel report. Results: OUT/compare.json, OUT/compare.md, OUT/*.png.
 """
 
@@ -86,6 +88,8 @@ class CompareSizes:
     offline_dtypes: tuple[str, ...] = ("float32", "bfloat16")  # offline stages of mixserve and vLLM
     one_at_a_time: int = 4  # prompts generated alone, one after another, per offline run (0: none)
     quantizations: tuple[str, ...] = ("int8", "int4")  # quantized stage: mixserve offline in the served dtype
+    # runs of each throughput the targets compare (offline batches, vLLM's client runs), median reported
+    repeats: int = 3
     seed: int = 0
 
     @classmethod
@@ -93,7 +97,8 @@ class CompareSizes:
         """The smoke-test sizes for the tiny model: seconds per stage."""
         return cls(num_prompts=4, input_len=32, output_len=8, concurrency=4, groups=4, users_per_group=2,
                    prefix_len=768, suffix_len=16, prefix_output_len=4, prefix_concurrency=2, conversations=2, turns=2,
-                   user_len=16, turn_output_len=4, max_model_len=1024, dtype="float32", one_at_a_time=2)
+                   user_len=16, turn_output_len=4, max_model_len=1024, dtype="float32", one_at_a_time=2,
+                   repeats=1)
 
 
 @dataclass(slots=True)
@@ -169,7 +174,7 @@ def _split_one_at_a_time(result: dict, load: dict) -> list[dict]:
     rows = [{**result, **load}]
     if alone is not None:
         common = {k: v for k, v in result.items() if k not in ("total_s", "output_tokens", "output_tokens_per_s",
-                                                               "steps")}
+                                                               "steps", "runs")}
         rows.append({**common, **alone, **load})
     return rows
 
@@ -178,12 +183,12 @@ def _split_one_at_a_time(result: dict, load: dict) -> list[dict]:
 
 
 def _mixserve_offline(model: str, prompts: _GivenPrompts, dtype: str, one_at_a_time: int,
-                      weights=None) -> list[dict]:
+                      weights=None, repeats: int = 1) -> list[dict]:
     """`weights`: a loader.WeightFormat (default: unquantized, each shape's fastest kernel)."""
     from .offline import bench_mixserve
 
     before = os.getloadavg()[0]
-    result = bench_mixserve(model, prompts, dtype, weights, one_at_a_time=one_at_a_time)
+    result = bench_mixserve(model, prompts, dtype, weights, one_at_a_time=one_at_a_time, repeats=repeats)
     gc.collect()
     return _split_one_at_a_time(result, _load_avg(before))
 
@@ -242,7 +247,7 @@ def _vllm_offline(model: str, prompts: _GivenPrompts, sizes: CompareSizes, dtype
     before = os.getloadavg()[0]
     with open(log, "a") as logf:
         done = subprocess.run([str(py), "-P", str(script), model, str(spec), str(sizes.max_model_len), dtype,
-                               str(sizes.one_at_a_time)],
+                               str(sizes.one_at_a_time), str(sizes.repeats)],
                               env=_vllm_env(), stdout=subprocess.PIPE, stderr=logf, text=True, timeout=1800)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
@@ -260,13 +265,23 @@ class VllmClient:
     out: Path
 
     def run(self, url: str, served_model: str, name: str) -> dict:
+        """`sizes.repeats` client runs one after another, seeds seed, seed+1, ... (different prompts,
+        so no run finds another's in the server's prefix cache); the median run by output tokens/s,
+        every run's figure under "runs"."""
+        from .offline import median_run
+
         log = self.out / "vllm-client.log"
         py = ensure_vllm(self.venv, log)
+        runs = [self._once(py, log, url, served_model, name if self.sizes.repeats == 1 else f"{name}-{i}",
+                           self.sizes.seed + i) for i in range(max(self.sizes.repeats, 1))]
+        return runs[0] if len(runs) == 1 else median_run(runs, "output_throughput")
+
+    def _once(self, py: Path, log: Path, url: str, served_model: str, name: str, seed: int) -> dict:
         s, result_dir = self.sizes, self.out / "vllm-client"
         saved = result_dir / f"{name}.json"
         saved.unlink(missing_ok=True)
         args = client_args(url, served_model, self.model, s.input_len, s.output_len, s.num_prompts, s.concurrency,
-                           s.seed, str(result_dir), saved.name)
+                           seed, str(result_dir), saved.name)
         before = os.getloadavg()[0]
         with open(log, "a") as logf:
             logf.write(f"\n== {name}\n")
@@ -476,7 +491,7 @@ def run_compare(model: Path, sizes: CompareSizes, out: Path, skip: set[str], vll
 
     def mixserve_offline(dtype: str, weights: WeightFormat = WeightFormat()):
         def run(wanted):
-            results = _mixserve_offline(model, prompts, dtype, sizes.one_at_a_time, weights)
+            results = _mixserve_offline(model, prompts, dtype, sizes.one_at_a_time, weights, sizes.repeats)
             if weights.quantization == "none":  # the served rows' fallback kernel report: unquantized
                 kernels[results[0]["dtype"]] = results[0]["kernels"]
             return results

@@ -3,7 +3,10 @@
 Workload: `num_prompts` prompts of `input_len` random token ids (seeded), `output_len` new tokens
 each, greedy, EOS ignored. Two figures, both output tokens / wall time (prefill included), after a
 short warm-up, on one engine:
-- batch: all prompts submitted at once;
+- batch: all prompts submitted at once; with `repeats` > 1 the batch is generated that many times on
+  the same engine (prefix caching is off, so no run reuses another's prompts) and the median run is
+  the figure, every run's tokens/s listed beside it (this machine's speed drifts by 10-15% from one
+  minute to the next, so one run can land high or low);
 - one at a time (`one_at_a_time` > 0): the first `one_at_a_time` prompts, each generated alone,
   one after another (a single user's speed).
 With `--compare-transformers` the same prompts go through transformers' batched `generate` in the
@@ -38,10 +41,18 @@ def _figure(tokens: int, total: float, **extra) -> dict:
             **extra}
 
 
+def median_run(runs: list[dict], key: str) -> dict:
+    """The run whose `key` is the median (the lower middle one of an even count), with every run's
+    `key` under "runs"."""
+    ordered = sorted(runs, key=lambda r: r[key])
+    return {**ordered[(len(ordered) - 1) // 2], "runs": [r[key] for r in runs]}
+
+
 def bench_mixserve(model: str, workload: OfflineWorkload, dtype: str = "auto", weights=None,
-                   one_at_a_time: int = 0, max_num_batched_tokens: int = 2048) -> dict:
-    """The batch figure, and under "one_at_a_time" the sequential one when asked for; "dtype" is
-    the dtype the engine computes in (auto resolved), "kernels" its kernel report."""
+                   one_at_a_time: int = 0, max_num_batched_tokens: int = 2048, repeats: int = 1) -> dict:
+    """The batch figure (the median of `repeats` runs), and under "one_at_a_time" the sequential
+    one when asked for; "dtype" is the dtype the engine computes in (auto resolved), "kernels" its
+    kernel report."""
     from mixserve.workers.engine import LLMEngine
     from mixserve.workers.engine_config import EngineConfig
     from mixserve.workers.loader import WeightFormat
@@ -60,12 +71,17 @@ def bench_mixserve(model: str, workload: OfflineWorkload, dtype: str = "auto", w
         prompts = workload.prompts(engine.model_config.vocab_size)
         params = SamplingParams(temperature=0, max_tokens=workload.output_len, ignore_eos=True)
         engine.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
-        start = time.perf_counter()
-        results = engine.generate(prompts, params)
-        total = time.perf_counter() - start
+        runs = []
+        for _ in range(max(repeats, 1)):
+            steps = engine.stats.steps
+            start = time.perf_counter()
+            results = engine.generate(prompts, params)
+            total = time.perf_counter() - start
+            runs.append({**_figure(sum(len(r.outputs[0].token_ids) for r in results), total),
+                         "steps": engine.stats.steps - steps})
+        figure = median_run(runs, "output_tokens_per_s") if repeats > 1 else runs[0]
         result = {"engine": "mixserve", "dtype": engine.dtype_choice.name, "linear_kernel": weights.linear_kernel,
-                  "quantization": weights.quantization, "weight_bytes": engine.weight_bytes(),
-                  **_figure(sum(len(r.outputs[0].token_ids) for r in results), total), "steps": engine.stats.steps}
+                  "quantization": weights.quantization, "weight_bytes": engine.weight_bytes(), **figure}
         if one_at_a_time > 0:
             alone = prompts[:one_at_a_time]
             start = time.perf_counter()

@@ -1,9 +1,11 @@
 """vLLM's offline throughput on given prompts; run by `mixserve bench compare` with the python of
 the vLLM venv (it imports vLLM, never mixserve, so it is a plain script, not a mixserve module).
 
-Usage: python vllm_offline.py MODEL PROMPTS_JSON MAX_MODEL_LEN DTYPE [ONE_AT_A_TIME]
+Usage: python vllm_offline.py MODEL PROMPTS_JSON MAX_MODEL_LEN DTYPE [ONE_AT_A_TIME [REPEATS]]
 PROMPTS_JSON: {"prompts": [[token ids], ...], "output_len": N}. Greedy, EOS ignored; after a
-2-prompt warm-up, all prompts in one `LLM.generate` call, then (ONE_AT_A_TIME > 0) the first
+2-prompt warm-up, all prompts in one `LLM.generate` call (REPEATS > 1: that many calls, prefix
+caching off so no call reuses another's prompts; the median call is the figure, as in
+`offline.bench_mixserve`), then (ONE_AT_A_TIME > 0) the first
 ONE_AT_A_TIME prompts with one `LLM.generate` call each, one after another. Prints one JSON line
 with output tokens/s (whole call, prefill included), the figures `offline.bench_mixserve`
 reports, the second under "one_at_a_time".
@@ -21,9 +23,12 @@ def main() -> None:
 
     model, prompts_json, max_model_len, dtype = sys.argv[1:5]
     one_at_a_time = int(sys.argv[5]) if len(sys.argv) > 5 else 0
+    repeats = int(sys.argv[6]) if len(sys.argv) > 6 else 1
     spec = json.loads(open(prompts_json).read())
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in spec["prompts"]]
-    llm = LLM(model=model, max_model_len=int(max_model_len), dtype=dtype, max_num_seqs=max(len(prompts), 1))
+    caching = {"enable_prefix_caching": False} if repeats > 1 else {}
+    llm = LLM(model=model, max_model_len=int(max_model_len), dtype=dtype, max_num_seqs=max(len(prompts), 1),
+              **caching)
     llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     params = SamplingParams(temperature=0, max_tokens=spec["output_len"], ignore_eos=True)
 
@@ -32,9 +37,12 @@ def main() -> None:
         outputs = llm.generate(batch, params, use_tqdm=False)
         return sum(len(o.outputs[0].token_ids) for o in outputs), time.perf_counter() - start
 
-    tokens, total = timed(prompts)
+    batches = [timed(prompts) for _ in range(max(repeats, 1))]
+    tokens, total = sorted(batches, key=lambda run: run[0] / run[1])[(len(batches) - 1) // 2]
     result = {"engine": "vllm", "vllm_version": getattr(vllm, "__version__", "?"), "dtype": dtype,
               "total_s": round(total, 3), "output_tokens": tokens, "output_tokens_per_s": round(tokens / total, 1)}
+    if repeats > 1:
+        result["runs"] = [round(t / s, 1) for t, s in batches]
     if one_at_a_time > 0:
         runs = [timed([p]) for p in prompts[:one_at_a_time]]
         tokens, total = sum(t for t, _ in runs), sum(s for _, s in runs)

@@ -270,7 +270,38 @@ def test_vllm_clients_saved_result_is_a_row_of_its_own_against_the_same_client_o
     assert (row["tok_s"], row["ttft_mean_ms"], row["itl_mean_ms"], row["e2e_p50_s"]) == (25.9, 15000.0, 340.0, 36.0)
     assert row["status"] == "2 of 32 requests failed: ClientConnectorError: refused"
     assert report["targets"]["served_over_vllm_served_vllm_client"]["value"] == pytest.approx(25.9 / 56.1)
+    assert report["targets"]["served_over_vllm_served_vllm_client"]["met"] is False  # issue 12's >= 1.0
     assert "| vLLM served (vLLM's client) | random | float32 | 56.1 | 2.17x 1 replica |" in report["markdown"]
+
+
+def test_repeated_figures_show_their_runs_and_served_is_held_to_09x_offline_under_vllms_client():
+    offline = _entry("offline", "mixserve offline, bfloat16", 300.0, engine="mixserve", mode="offline",
+                     dtype="bfloat16")
+    offline["result"]["runs"] = [310.0, 300.0, 280.0]
+    served = {"stage": "vllm-client", "label": "mixserve served (vLLM's client)", "engine": "mixserve",
+              "mode": "served", "dtype": "bfloat16", "client": "vllm", "baseline": True,
+              "result": {"client": "vllm bench serve", "output_throughput": 276.0, "runs": [276.0, 290.0, 250.0],
+                         "load_avg_before": [1.0], "load_avg_after": [1.2]}}
+    report = render_report([offline, served], CompareSizes(), 1 << 20, 8 << 10, None)
+    target = report["targets"]["served_over_offline_vllm_client"]
+    assert target["value"] == pytest.approx(0.92) and target["target"] == 0.9 and target["met"]
+    assert "| mixserve offline, bfloat16 | random | bfloat16 | 300.0 (median of 310/300/280) |" in report["markdown"]
+    assert "| 276.0 (median of 276/290/250) | 0.92x mixserve offline best |" in report["markdown"]
+    served["result"]["output_throughput"] = 260.0
+    assert not render_report([offline, served], CompareSizes(), 1 << 20, 8 << 10, None)["targets"][
+        "served_over_offline_vllm_client"]["met"]
+
+
+def test_offline_bench_repeats_the_batch_on_one_engine_and_reports_the_median_run(tiny_checkpoint):
+    from mixserve.bench.offline import OfflineWorkload, bench_mixserve, median_run
+
+    assert median_run([{"x": 3}, {"x": 1}, {"x": 2}], "x") == {"x": 2, "runs": [3, 1, 2]}
+    assert median_run([{"x": 3}, {"x": 1}], "x") == {"x": 1, "runs": [3, 1]}  # even count: the lower middle
+    result = bench_mixserve(str(tiny_checkpoint), OfflineWorkload(num_prompts=3, input_len=16, output_len=4),
+                            "float32", repeats=3)
+    assert len(result["runs"]) == 3 and all(r > 0 for r in result["runs"])
+    assert result["output_tokens_per_s"] == sorted(result["runs"])[1]
+    assert result["output_tokens"] == 12 and result["steps"] == 4  # one run's steps: 1 prefill + 3 decodes
 
 
 def test_vllm_client_runs_the_random_workload_greedy_closed_loop_and_saves_every_request():
