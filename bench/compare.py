@@ -8,7 +8,9 @@ Stages (each may fail or be skipped; the table then says why instead of a figure
    its weight bytes and its ratio against stage 1's row of the same dtype and mode;
 3. transformers: Hugging Face `generate` on the same prompts in one batch (offline.py);
 4. served: the same prompts over HTTP, closed loop at `concurrency`, 1 replica (2 threads) as its
-   own ingress serving HTTP itself (`--ingress direct --direct-http`, the baseline), the same
+   own ingress serving HTTP itself (`--ingress direct --direct-http`, the baseline; stage 1's
+   offline run in the served dtype is repeated right before and right after it, the row
+   "right before and after", which the served-over-offline target uses), the same
    through Serve's HTTP proxy (`--ingress direct`), and behind the separate ingress, the latter
    streaming 8 tokens per chunk (`--stream-interval 8`: fewer Ray objects per token), and
    2 replicas (1 thread each, Ray's default power-of-two-choices routing);
@@ -348,6 +350,25 @@ def _served(model: str, settings: dict, workload: Workload, concurrency: int, of
     return results
 
 
+def _bracketed_served(model: str, settings: dict, workload: Workload, concurrency: int, offline_kernels: dict,
+                      client: VllmClient | None, offline: Callable[[], dict]) -> list:
+    """The served baseline with mixserve offline measured right before and right after it (an
+    A-B-A design): this VM's speed drifts within minutes, so the served figure is held to offline
+    runs that bracket it in time rather than to stage 1's, taken minutes earlier. -> [served (our
+    client), served (vLLM's client), offline bracket: the median of both sides' runs, each listed]."""
+    from .offline import median_run
+
+    before = offline()
+    served = _served(model, settings, workload, concurrency, offline_kernels, client)
+    after = offline()
+    runs = [{**before, "output_tokens_per_s": v} for v in before.get("runs", [before["output_tokens_per_s"]])]
+    runs += [{**after, "output_tokens_per_s": v} for v in after.get("runs", [after["output_tokens_per_s"]])]
+    bracket = {**median_run(runs, "output_tokens_per_s"), "runs_before": before.get("runs"),
+               "runs_after": after.get("runs"), **_load_avg(before["load_avg_before"][0]),
+               "load_avg_after": after["load_avg_after"]}
+    return [*served, *([None] if client is None else []), bracket]
+
+
 def _prefix_stage(model: str, settings: dict, workload: Workload, sizes: CompareSizes, per_token: int,
                   offline_kernels: dict) -> list:
     if settings["kv_cache_bytes"] >= sizes.groups * sizes.prefix_len * per_token:
@@ -516,9 +537,13 @@ def run_compare(model: Path, sizes: CompareSizes, out: Path, skip: set[str], vll
         ([Row("served", f"mixserve served, 1 replica x 2 threads, direct ingress, HTTP in the replica, {served}",
               tags=served_tags("mixserve", True)),
           Row("vllm-client", f"mixserve served, 1 replica x 2 threads, direct ingress, HTTP in the replica, {served} "
-                             "(vLLM's client)", ("served",), served_tags("vllm", True))],
-         lambda wanted: _served(model, dict(one, ingress="direct", direct_http=True), rand, sizes.concurrency, kernels,
-                                client if wanted[1] else None)),
+                             "(vLLM's client)", ("served",), served_tags("vllm", True)),
+          Row("served", f"mixserve offline (engine in-process), {served}, right before and after the row above",
+              tags=dict(engine="mixserve", mode="offline-bracket", dtype=served))],
+         lambda wanted: _bracketed_served(model, dict(one, ingress="direct", direct_http=True), rand,
+                                          sizes.concurrency, kernels, client if wanted[1] else None,
+                                          lambda: _mixserve_offline(model, prompts, served, 0, None,
+                                                                    sizes.repeats)[0])),
         ([Row("served", f"mixserve served, 1 replica x 2 threads, direct ingress via Serve's HTTP proxy, {served}",
               tags=served_tags("mixserve"))],
          lambda wanted: _served(model, dict(one, ingress="direct"), rand, sizes.concurrency, kernels)),

@@ -290,6 +290,15 @@ def test_repeated_figures_show_their_runs_and_served_is_held_to_09x_offline_unde
     served["result"]["output_throughput"] = 260.0
     assert not render_report([offline, served], CompareSizes(), 1 << 20, 8 << 10, None)["targets"][
         "served_over_offline_vllm_client"]["met"]
+    # offline measured right before and after the served stage is what served is held to, when present
+    bracket = _entry("served", "mixserve offline, right before and after", 280.0, engine="mixserve",
+                     mode="offline-bracket", dtype="bfloat16")
+    report = render_report([offline, served, bracket], CompareSizes(), 1 << 20, 8 << 10, None)
+    target = report["targets"]["served_over_offline_vllm_client"]
+    assert target["value"] == pytest.approx(260 / 280) and target["met"]
+    assert target["of"] == "mixserve served (vLLM's client) / mixserve offline, right before and after"
+    assert "0.87x mixserve offline best, 0.93x offline right before and after |" in report["markdown"]
+    assert report["best_dtypes"]["mixserve"]["output_tokens_per_s"] == {"bfloat16": 300.0}  # not a best
 
 
 def test_offline_bench_repeats_the_batch_on_one_engine_and_reports_the_median_run(tiny_checkpoint):
