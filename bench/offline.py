@@ -42,10 +42,13 @@ def _figure(tokens: int, total: float, **extra) -> dict:
 
 
 def median_run(runs: list[dict], key: str) -> dict:
-    """The run whose `key` is the median (the lower middle one of an even count), with every run's
-    `key` under "runs"."""
+    """The median run by `key`, with every run's `key` under "runs". Of an odd count, the middle run
+    itself; of an even count, the lower middle run with `key` set to the mean of the two middle
+    figures (the median proper)."""
     ordered = sorted(runs, key=lambda r: r[key])
-    return {**ordered[(len(ordered) - 1) // 2], "runs": [r[key] for r in runs]}
+    middle = (len(ordered) - 1) // 2
+    figure = ordered[middle][key] if len(ordered) % 2 else (ordered[middle][key] + ordered[middle + 1][key]) / 2
+    return {**ordered[middle], key: figure, "runs": [r[key] for r in runs]}
 
 
 def bench_mixserve(model: str, workload: OfflineWorkload, dtype: str = "auto", weights=None,

@@ -305,7 +305,7 @@ def test_offline_bench_repeats_the_batch_on_one_engine_and_reports_the_median_ru
     from mixserve.bench.offline import OfflineWorkload, bench_mixserve, median_run
 
     assert median_run([{"x": 3}, {"x": 1}, {"x": 2}], "x") == {"x": 2, "runs": [3, 1, 2]}
-    assert median_run([{"x": 3}, {"x": 1}], "x") == {"x": 1, "runs": [3, 1]}  # even count: the lower middle
+    assert median_run([{"x": 3, "y": 0}, {"x": 1, "y": 1}], "x") == {"x": 2, "y": 1, "runs": [3, 1]}  # even count
     result = bench_mixserve(str(tiny_checkpoint), OfflineWorkload(num_prompts=3, input_len=16, output_len=4),
                             "float32", repeats=3)
     assert len(result["runs"]) == 3 and all(r > 0 for r in result["runs"])
