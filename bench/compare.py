@@ -32,8 +32,9 @@ Served stages start mixserve in this process on a free loopback port and shut Ra
 The machine is shared: every figure carries the load average, and ratios within one run are the
 figures to trust. This VM's speed drifts by 10-15% from one minute to the next, so each throughput
 the targets compare (the offline batch runs of both engines, vLLM's client against each server)
-runs `repeats` times and the median run is the figure, every run's listed under "runs". compare.json records the CPU (kernels/capability.py) and every mixserve figure
-its engine's kernel report. Results: OUT/compare.json, OUT/compare.md, OUT/*.png.
+runs `repeats` times and the median run is the figure, every run's listed under "runs".
+compare.json records the CPU (kernels/capability.py) and every mixserve figure its engine's kernel
+report. Results: OUT/compare.json, OUT/compare.md, OUT/*.png.
 """
 
 import gc
@@ -355,17 +356,17 @@ def _bracketed_served(model: str, settings: dict, workload: Workload, concurrenc
     """The served baseline with mixserve offline measured right before and right after it (an
     A-B-A design): this VM's speed drifts within minutes, so the served figure is held to offline
     runs that bracket it in time rather than to stage 1's, taken minutes earlier. -> [served (our
-    client), served (vLLM's client), offline bracket: the median of both sides' runs, each listed]."""
+    client), served (vLLM's client), offline bracket: the median of both sides' runs, listed under
+    "runs" in time order, the runs before first]."""
     from .offline import median_run
 
+    key = "output_tokens_per_s"
     before = offline()
     served = _served(model, settings, workload, concurrency, offline_kernels, client)
     after = offline()
-    runs = [{**before, "output_tokens_per_s": v} for v in before.get("runs", [before["output_tokens_per_s"]])]
-    runs += [{**after, "output_tokens_per_s": v} for v in after.get("runs", [after["output_tokens_per_s"]])]
-    bracket = {**median_run(runs, "output_tokens_per_s"), "runs_before": before.get("runs"),
-               "runs_after": after.get("runs"), **_load_avg(before["load_avg_before"][0]),
-               "load_avg_after": after["load_avg_after"]}
+    figures = before.get("runs", [before[key]]) + after.get("runs", [after[key]])
+    bracket = {**median_run([{**before, key: v} for v in figures], key),
+               "load_avg_before": before["load_avg_before"], "load_avg_after": after["load_avg_after"]}
     return [*served, *([None] if client is None else []), bracket]
 
 

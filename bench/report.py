@@ -21,8 +21,8 @@ in the same dtype, mixserve's best dtype at least as fast as vLLM's best dtype, 
 prompt at a time at least as fast as vLLM one prompt at a time (`OFFLINE_TARGET`); under vLLM's
 client, mixserve served by 1 replica at least `SERVED_OVER_OFFLINE_TARGET` of mixserve offline
 measured right before and after it in the served dtype (the "offline-bracket" row; stage 1's best
-when there is none) and at least as fast as vLLM's server (`OFFLINE_TARGET`). Served ratios under our own load
-generator, TP=2 against 1 replica, and mixserve offline in the served dtype (with `--dtype auto`:
+when there is none) and at least as fast as vLLM's server (`OFFLINE_TARGET`). Served ratios under
+our own load generator, TP=2 against 1 replica, and mixserve offline in the served dtype (with `--dtype auto`:
 the dtype mixserve picks) against its best dtype are recorded without a target.
 A figure measured several times (compare.py's `repeats`) is its median run; the table lists every
 run's figure beside it.
@@ -213,7 +213,8 @@ def render_report(results: list[dict], sizes, kv_prefix: int, per_token: int, id
         ("offline_over_transformers", _ratio(same_dtype, hf, OFFLINE_TARGET)),
         ("offline_best_over_vllm_best", _ratio(offline, _best(rows, "vllm", "offline"), OFFLINE_TARGET)),
         ("one_at_a_time_over_vllm", _ratio(alone, _best(rows, "vllm", "one-at-a-time"), OFFLINE_TARGET)),
-        ("served_over_offline_vllm_client", _ratio(baselines["vllm"], bracket or offline, SERVED_OVER_OFFLINE_TARGET)),
+        ("served_over_offline_vllm_client",
+         _ratio(baselines["vllm"], bracket or offline, SERVED_OVER_OFFLINE_TARGET)),
         ("served_over_vllm_served", _ratio(baselines["mixserve"], vllm_served["mixserve"], None)),
         ("served_over_vllm_served_vllm_client", _ratio(baselines["vllm"], vllm_served["vllm"], OFFLINE_TARGET)),
         ("tp2_over_one_replica", _ratio(tp2, baselines["mixserve"], None)),
