@@ -48,6 +48,8 @@ def add_bench_parser(subparsers) -> None:
     off.add_argument("--quantization", choices=["none", "int8", "int4"], default="none",
                      help="weight-only quantization of the attention and expert weights at load")
     off.add_argument("--quantization-group-size", type=int, default=64, choices=[32, 64, 128, 256])
+    off.add_argument("--quantization-calibration", default="none", metavar="none|builtin|FILE",
+                     help="activation-aware quantization calibrated on this text (workers/calibration.py)")
     off.add_argument("--one-at-a-time", type=int, default=0, metavar="N",
                      help="also generate the first N prompts one after another, each alone, and report that "
                           "output tok/s (a single user's speed)")
@@ -68,7 +70,8 @@ def _run_bench_offline(args: argparse.Namespace) -> int:
 
     model = _resolve_model(args.model, args.preset, args.cache_dir)
     workload = OfflineWorkload(args.num_prompts, args.input_len, args.output_len, args.seed)
-    weights = WeightFormat(args.linear_kernel, args.quantization, args.quantization_group_size)
+    weights = WeightFormat(args.linear_kernel, args.quantization, args.quantization_group_size,
+                           calibration=args.quantization_calibration)
     run_offline_bench(str(model), workload, args.dtype, args.compare_transformers, weights, args.one_at_a_time)
     return 0
 

@@ -63,13 +63,16 @@ def bench_mixserve(model: str, workload: OfflineWorkload, dtype: str = "auto", w
 
     weights = weights or WeightFormat()
     per_seq = workload.input_len + workload.output_len
+    load_start = time.perf_counter()
     engine = LLMEngine(EngineConfig(
         model=model, dtype=dtype, linear_kernel=weights.linear_kernel, quantization=weights.quantization,
-        quantization_group_size=weights.group_size, max_num_seqs=max(workload.num_prompts, 1),
+        quantization_group_size=weights.group_size, quantization_calibration=weights.calibration,
+        max_num_seqs=max(workload.num_prompts, 1),
         max_num_batched_tokens=max_num_batched_tokens,
         kv_cache_bytes=max(64 << 20, 2 * per_seq * workload.num_prompts * 16 << 10),
         enable_prefix_caching=False,
     ))
+    load_s = time.perf_counter() - load_start
     try:
         prompts = workload.prompts(engine.model_config.vocab_size)
         params = SamplingParams(temperature=0, max_tokens=workload.output_len, ignore_eos=True)
@@ -84,7 +87,8 @@ def bench_mixserve(model: str, workload: OfflineWorkload, dtype: str = "auto", w
                          "steps": engine.stats.steps - steps})
         figure = median_run(runs, "output_tokens_per_s") if repeats > 1 else runs[0]
         result = {"engine": "mixserve", "dtype": engine.dtype_choice.name, "linear_kernel": weights.linear_kernel,
-                  "quantization": weights.quantization, "weight_bytes": engine.weight_bytes(), **figure}
+                  "quantization": weights.quantization, "calibration": weights.calibration,
+                  "weight_bytes": engine.weight_bytes(), "load_s": round(load_s, 2), **figure}
         if one_at_a_time > 0:
             alone = prompts[:one_at_a_time]
             start = time.perf_counter()
@@ -126,8 +130,9 @@ def run_offline_bench(model: str, workload: OfflineWorkload, dtype: str = "auto"
     print(f"cpu: {cpu.line()}", flush=True)
     load_before = os.getloadavg()[0]
     ours = bench_mixserve(model, workload, dtype, weights, one_at_a_time)
-    print(f"mixserve ({ours['dtype']}, weights {ours['quantization']}, {ours['weight_bytes'] / 2**30:.2f} GiB): "
-          f"{ours['output_tokens_per_s']} output tok/s ({ours['total_s']} s)", flush=True)
+    calibrated = f" calibrated on {ours['calibration']}" if ours["calibration"] != "none" else ""
+    print(f"mixserve ({ours['dtype']}, weights {ours['quantization']}{calibrated}, {ours['weight_bytes'] / 2**30:.2f} GiB, "
+          f"loaded in {ours['load_s']} s): {ours['output_tokens_per_s']} output tok/s ({ours['total_s']} s)", flush=True)
     if "one_at_a_time" in ours:
         alone = ours["one_at_a_time"]
         print(f"mixserve ({ours['dtype']}), {alone['prompts']} prompts one at a time: "

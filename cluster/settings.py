@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from mixserve.workers.calibration import check_calibration_source
 from mixserve.workers.engine_config import EngineConfig
 
 API_KEY_ENV = "MIXSERVE_API_KEY"
@@ -40,6 +41,10 @@ class ServeSettings(BaseModel):
     quantization_group_size: int = Field(64, description="int4: input columns per scale (32, 64, 128 or 256; 32 "
                                          "keeps a GGUF file's Q4_0/Q4_1 blocks exactly, without going through float)")
     quantize_lm_head: bool = Field(False, description="quantize the LM head too (the embedding stays)")
+    quantization_calibration: str = Field(
+        "none", description="none: round each weight as it is; builtin (English docstrings of the Python standard "
+        "library) or the path of a UTF-8 text file present on every node: observe the model on 2048 tokens of it "
+        "first and scale each input channel by its activations before rounding (AWQ-style; load takes longer)")
     device: Literal["cpu", "cuda"] = "cpu"
     # engine, per replica
     tensor_parallel_size: int = Field(1, ge=1)
@@ -123,6 +128,11 @@ class ServeSettings(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _calibration_source(self):
+        check_calibration_source(self.quantization_calibration)
+        return self
+
+    @model_validator(mode="after")
     def _direct_ingress_serves_one_replica(self):
         if self.ingress == "direct" and (self.replicas != 1 or self.min_replicas is not None):
             raise ValueError("ingress 'direct' serves one replica (the HTTP proxy cannot route by prompt); use "
@@ -163,7 +173,7 @@ class ServeSettings(BaseModel):
         return EngineConfig(
             model=model_path, dtype=self.dtype, linear_kernel=self.linear_kernel,
             quantization=self.quantization, quantization_group_size=self.quantization_group_size,
-            quantize_lm_head=self.quantize_lm_head,
+            quantize_lm_head=self.quantize_lm_head, quantization_calibration=self.quantization_calibration,
             block_size=self.block_size, kv_cache_bytes=self.kv_cache_bytes,
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len, enable_prefix_caching=self.enable_prefix_caching,

@@ -61,13 +61,16 @@ class Sizing:
         ]
 
 
-def quantized_bytes(shape: tuple[int, int], scheme: str, itemsize: int, group_size: int) -> int:
-    """Bytes of one [N, K] weight stored as `scheme` (codes and scales; kernels/quantize.py)."""
+def quantized_bytes(shape: tuple[int, int], scheme: str, itemsize: int, group_size: int,
+                    calibrated: bool = False) -> int:
+    """Bytes of one [N, K] weight stored as `scheme` (codes and scales; kernels/quantize.py), with
+    `calibrated` its K input scales too (kernels/activation_aware.py)."""
     n, k = shape
+    input_scales = k * itemsize if calibrated and scheme != "none" else 0
     if scheme == "int8":
-        return n * k + n * itemsize
+        return n * k + n * itemsize + input_scales
     if scheme == "int4":
-        return n * k // 2 + (k // group_size) * n * 2 * itemsize
+        return n * k // 2 + (k // group_size) * n * 2 * itemsize + input_scales
     return n * k * itemsize
 
 
@@ -82,7 +85,8 @@ def size_deployment(settings: ServeSettings, config: ModelConfig) -> Sizing:
         lm_head = [(config.vocab_size, config.hidden_size)] if settings.quantize_lm_head else []
         for shape in rank_linear_shapes(config, tp) + lm_head:
             scheme = scheme_for(shape, settings.quantization, settings.quantization_group_size)
-            weight_bytes += quantized_bytes(shape, scheme, dtype.itemsize, settings.quantization_group_size)
+            weight_bytes += quantized_bytes(shape, scheme, dtype.itemsize, settings.quantization_group_size,
+                                            calibrated=settings.quantization_calibration != "none")
             weight_bytes -= shape[0] * shape[1] * dtype.itemsize
     replicas = settings.replicas if settings.min_replicas is None else max(settings.min_replicas, 1)
     return Sizing(

@@ -20,6 +20,8 @@
 Which kernel each weight gets is kernels/kernel_choice.py's rule (quantization is asked for).
 """
 
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -51,10 +53,14 @@ class LinearWeight:
     scales: torch.Tensor | None = None  # int8: [N]; int4: scales and zeros [K/G, N, 2] (activation dtype)
     group_size: int = 0  # int4 only
     kernel_max_rows: int = 0  # int8/int4 on CPU: most rows run by the weight-only kernel (else dequantize)
+    # [in] activation dtype: inputs are multiplied by it first (activation-aware quantization,
+    # kernels/activation_aware.py: the stored weight is W diag(1 / input_scale))
+    input_scale: torch.Tensor | None = None
+    name: str = ""  # what the loader calls it: the key of its calibration statistics
 
     @property
     def nbytes(self) -> int:
-        tensors = [self.data] + ([self.scales] if self.scales is not None else [])
+        tensors = [t for t in (self.data, self.scales, self.input_scale) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     @property
@@ -71,19 +77,33 @@ def linear_kernels_for(dtype: torch.dtype, device: torch.device | str, cap: CpuC
     return ["reference", "onednn"] if packable.get(dtype, False) else ["reference"]
 
 
-def pack_weight(weight: torch.Tensor, kernel: str = "reference", group_size: int = 64) -> LinearWeight:
-    """weight: [out, in] -> LinearWeight for `kernel` (one of linear_kernels_for(...), or int8/int4)."""
+def pack_weight(weight: torch.Tensor, kernel: str = "reference", group_size: int = 64,
+                channel_scale: torch.Tensor | None = None) -> LinearWeight:
+    """weight: [out, in] -> LinearWeight for `kernel` (one of linear_kernels_for(...), or int8/int4).
+    channel_scale [in] (int8/int4 only; kernels/activation_aware.py): quantize W diag(s) and have the
+    layer multiply its inputs by 1/s. 1/s is rounded to the activations' dtype first and the weight
+    scaled by the inverse of that rounded value, so the two agree exactly."""
     out_features, in_features = weight.shape
+    input_scale = None
+    if channel_scale is not None:
+        if kernel not in ("int8", "int4"):
+            raise ValueError(f"input channel scales are for int8/int4 weights, not {kernel!r}")
+        input_scale = (1 / channel_scale.float()).to(weight.dtype)  # [in]
+        scaled = weight.float() / input_scale.float()  # [out, in] float32
+    else:
+        scaled = weight
     if kernel == "int8":
-        codes, scales = quantize_int8(weight)
+        codes, scales = quantize_int8(scaled)
         return LinearWeight(codes, out_features, in_features, "int8", scales.to(weight.dtype),
-                            kernel_max_rows=_untimed_kernel_rows(weight.dtype))
+                            kernel_max_rows=_untimed_kernel_rows(weight.dtype), input_scale=input_scale)
     if kernel == "int4":
         if not int4_fits(tuple(weight.shape), group_size):
             raise ValueError(f"int4 needs the input size a multiple of the group size and the output size a multiple "
                              f"of {int4_block_rows()} rows here; got {tuple(weight.shape)}, group {group_size}")
-        codes, scales_zeros = quantize_int4(weight, group_size)
-        return int4_weight(codes, scales_zeros, group_size, weight.dtype)
+        codes, scales_zeros = quantize_int4(scaled, group_size)
+        packed = int4_weight(codes, scales_zeros, group_size, weight.dtype)
+        packed.input_scale = input_scale
+        return packed
     if kernel == "onednn":
         data = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_BATCH_HINT)
     elif kernel == "reference":
@@ -108,8 +128,29 @@ def _untimed_kernel_rows(dtype: torch.dtype) -> int:
     return 1 if dtype == torch.bfloat16 else 0
 
 
+_observer: Callable[[str, torch.Tensor], None] | None = None
+
+
+@contextmanager
+def observing_inputs(observer: Callable[[str, torch.Tensor], None]):
+    """Within the block, every `linear` call first hands `observer(weight.name, x)` its input x [T, in]
+    (calibration for kernels/activation_aware.py). One process-wide observer at a time."""
+    global _observer
+    if _observer is not None:
+        raise RuntimeError("linear inputs are already being observed")
+    _observer = observer
+    try:
+        yield
+    finally:
+        _observer = None
+
+
 def linear(x: torch.Tensor, weight: LinearWeight) -> torch.Tensor:
     """x: [T, in] -> [T, out]."""
+    if _observer is not None:
+        _observer(weight.name, x)
+    if weight.input_scale is not None:
+        x = x * weight.input_scale
     if weight.kernel == "onednn":
         return torch.ops.mkldnn._linear_pointwise(x, weight.data, None, "none", [], "")
     if weight.kernel in ("int8", "int4"):
@@ -124,7 +165,8 @@ def linear(x: torch.Tensor, weight: LinearWeight) -> torch.Tensor:
 
 
 def dequantized(weight: LinearWeight, dtype: torch.dtype) -> torch.Tensor:
-    """The [out, in] weight an int8/int4 LinearWeight stands for, in `dtype`."""
+    """The [out, in] weight an int8/int4 LinearWeight stores, in `dtype` (with an input_scale the layer
+    computes this times diag(input_scale))."""
     if weight.kernel == "int8":
         return (weight.data.to(dtype) * weight.scales.to(dtype)[:, None])
     codes = weight.data

@@ -67,6 +67,13 @@ def dequantize_int4(codes: torch.Tensor, scales_zeros: torch.Tensor, group_size:
     return ((codes.view(n, k // group_size, group_size).float() - 8) * scales + zeros).view(n, k)
 
 
+def round_trip(weight: torch.Tensor, scheme: str, group_size: int) -> torch.Tensor:
+    """weight: [N, K] -> what `scheme` ("int8" / "int4") stores for it, dequantized: [N, K] float32."""
+    if scheme == "int8":
+        return dequantize_int8(*quantize_int8(weight))
+    return dequantize_int4(*quantize_int4(weight, group_size), group_size)
+
+
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """codes int32 [N, K] in 0..15 -> torch's CPU int4 pack, uint8 [N, K/2]."""
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)

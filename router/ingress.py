@@ -219,11 +219,12 @@ class OpenAIIngress(GrpcGenerateMixin):
     async def re_isq(self, request: Request):
         """Re-quantize the weights of the replica the router picks (each replica keeps its own format)
         from its checkpoint: 409 while it has requests in flight. {"quantization": "none"|"int8"|"int4",
-        "group_size": 32|64|128|256} -> the replica, its new format and weight bytes."""
+        "group_size": 32|64|128|256, "calibration": "none"|"builtin"} -> the replica, its new format and
+        weight bytes."""
         self._check_auth(request)
         body = self.pipeline.parse(ReIsqRequest, await self._json_body(request))
         try:
-            result = await self.llm.re_isq(body.quantization, body.group_size)
+            result = await self.llm.re_isq(body.quantization, body.group_size, body.calibration)
         except EngineBusyError as exc:
             raise ApiError(409, remote_message(exc), "conflict_error", "engine_busy") from None
         except ValueError as exc:

@@ -106,12 +106,12 @@ class LLMServer:
             complete=len(hashes) == len(cached),
         ).to_dict()
 
-    async def re_isq(self, quantization: str, group_size: int | None = None) -> dict:
+    async def re_isq(self, quantization: str, group_size: int | None = None, calibration: str | None = None) -> dict:
         """Re-quantize this replica's weights from its checkpoint between steps (workers/engine.py
         `requantize`); raises EngineBusyError while requests are in flight, ValueError for a bad format."""
-        weights = await self.engine.call(self.engine.engine.requantize, quantization, group_size)
+        weights = await self.engine.call(self.engine.engine.requantize, quantization, group_size, calibration)
         return {"replica": self.replica_id, "quantization": weights.quantization, "group_size": weights.group_size,
-                "weight_bytes": self.engine.engine.weight_bytes()}
+                "calibration": weights.calibration, "weight_bytes": self.engine.engine.weight_bytes()}
 
     def kernel_report(self) -> dict:
         """The CPU, dtype and linear kernels this replica's engine runs with (workers/engine.py)."""
@@ -139,8 +139,8 @@ class RemoteLLM:
     def open_stream(self, req: GenerateRequest):
         return self.handle.options(stream=True).generate.remote(req)
 
-    async def re_isq(self, quantization: str, group_size: int | None) -> dict:
-        return await self.handle.re_isq.remote(quantization, group_size)
+    async def re_isq(self, quantization: str, group_size: int | None, calibration: str | None = None) -> dict:
+        return await self.handle.re_isq.remote(quantization, group_size, calibration)
 
 
 class _LocalStream:
@@ -166,5 +166,5 @@ class LocalLLM:
     def open_stream(self, req: GenerateRequest):
         return _LocalStream(self.server.generate(req))
 
-    async def re_isq(self, quantization: str, group_size: int | None) -> dict:
-        return await self.server.re_isq(quantization, group_size)
+    async def re_isq(self, quantization: str, group_size: int | None, calibration: str | None = None) -> dict:
+        return await self.server.re_isq(quantization, group_size, calibration)

@@ -110,6 +110,9 @@ class ReIsqRequest(BaseModel):
 
     quantization: Literal["none", "int8", "int4"]
     group_size: Literal[32, 64, 128, 256] | None = None  # int4; default: the replica's current one
+    # activation-aware calibration (workers/calibration.py); default: the replica's current one. A text
+    # file can only be named in the server's own settings, never by a client.
+    calibration: Literal["none", "builtin"] | None = None
 
 
 def error_body(message: str, type_: str = "invalid_request_error", code: str | int | None = None,

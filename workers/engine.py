@@ -132,13 +132,16 @@ class LLMEngine:
 
     # ---- weights --------------------------------------------------------------------------
 
-    def requantize(self, quantization: str, group_size: int | None = None) -> WeightFormat:
+    def requantize(self, quantization: str, group_size: int | None = None, calibration: str | None = None
+                   ) -> WeightFormat:
         """Re-read the weights from the checkpoint with another weight-only quantization (none, int8,
-        int4 in groups of `group_size`; mistral.rs's re-ISQ). ValueError for an unknown format;
+        int4 in groups of `group_size`; mistral.rs's re-ISQ), activation-aware when `calibration` (default:
+        the current one) is a source (workers/calibration.py). ValueError for an unknown format;
         EngineBusyError while any request is in flight (drain first); either way nothing changes.
         The prefix cache is forgotten: its KV was computed with the old weights. Returns the new format."""
         weights = dataclasses.replace(self.weight_format, quantization=quantization,
-                                      group_size=group_size or self.weight_format.group_size)
+                                      group_size=group_size or self.weight_format.group_size,
+                                      calibration=calibration or self.weight_format.calibration)
         if self.has_unfinished_requests():
             raise EngineBusyError(f"{self.num_unfinished_requests} request(s) in flight; re-quantizing needs an "
                                   "idle engine: drain the replica and retry")

@@ -14,6 +14,8 @@ class EngineConfig:
     quantization: str = "none"  # "int8" / "int4": weight-only, at load (kernels/quantize.py)
     quantization_group_size: int = 64  # int4's group of input columns (32, 64, 128, 256)
     quantize_lm_head: bool = False
+    # "none": round each weight as it is; "builtin" or a text file: activation-aware (workers/calibration.py)
+    quantization_calibration: str = "none"
     block_size: int = 16  # tokens per KV-cache block
     kv_cache_bytes: int = 512 << 20  # per rank; sets the number of blocks
     num_blocks: int | None = None  # overrides kv_cache_bytes
@@ -34,4 +36,5 @@ class EngineConfig:
     show_progress: bool = False
 
     def weight_format(self) -> WeightFormat:
-        return WeightFormat(self.linear_kernel, self.quantization, self.quantization_group_size, self.quantize_lm_head)
+        return WeightFormat(self.linear_kernel, self.quantization, self.quantization_group_size, self.quantize_lm_head,
+                            self.quantization_calibration)

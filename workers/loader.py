@@ -18,10 +18,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..kernels.activation_aware import ChannelStats, input_channel_scales
 from ..kernels.kernel_choice import LinearKernelChooser
 from ..kernels.linear import LinearWeight, int4_weight, pack_weight
-from ..kernels.quantize import INT4_GROUP_SIZES, QUANTIZATIONS, int4_fits, scheme_for
+from ..kernels.quantize import INT4_GROUP_SIZES, QUANTIZATIONS, int4_fits, round_trip, scheme_for
 from ..kernels.rotary import rotary_table
+from .calibration import check_calibration_source
 from .checkpoint import open_checkpoint
 from .config import CheckpointError, ModelConfig
 from .gguf_checkpoint import INT4_GGUF_GROUP
@@ -43,12 +45,15 @@ class WeightFormat:
     """How linear weights are stored: the kernel choice's mode (kernels/kernel_choice.py), and weight-only
     quantization of the attention and MLP/expert projections (kernels/quantize.py; int4 in groups of
     `group_size` input columns), optionally of the LM head too. Norms, router gate and embedding stay
-    in the model's dtype."""
+    in the model's dtype. `calibration` (workers/calibration.py): "none" rounds each weight as it is;
+    "builtin" or a text file's path first observes the model's activations on that text and quantizes
+    activation-aware (kernels/activation_aware.py)."""
 
     linear_kernel: str = "auto"
     quantization: str = "none"
     group_size: int = 64
     quantize_lm_head: bool = False
+    calibration: str = "none"
 
     def __post_init__(self):
         if self.quantization not in QUANTIZATIONS:
@@ -56,6 +61,7 @@ class WeightFormat:
         if self.group_size not in INT4_GROUP_SIZES:
             raise ValueError(f"quantization group size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}; "
                              f"got {self.group_size}")
+        check_calibration_source(self.calibration)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,19 +100,29 @@ def load_model(
     device: str | torch.device = "cpu",
     show_progress: bool = False,
     weights: WeightFormat = WeightFormat(),
+    calibration: dict[str, ChannelStats] | None = None,
 ) -> MixtralModel:
     """This rank's model, its linear weights stored as `weights` says (each shape's kernel ends up in
     `model.kernel_report`). Each weight is quantized as it is read: no full-precision copy of the model
-    is ever held; GGUF Q4_0/Q4_1 weights asked for as int4 in groups of 32 are never float at all."""
+    is ever held; GGUF Q4_0/Q4_1 weights asked for as int4 in groups of 32 are never float at all.
+    `calibration`: the observed inputs of each linear weight, by its name (`LinearWeight.name`), for
+    activation-aware quantization; a quantized weight without statistics is rounded as it is."""
     check_shardable(config, shard.world_size, shard.expert_parallel)
     reader = open_checkpoint(path, config)
     kernels = LinearKernelChooser(weights.linear_kernel)
 
-    def pack(weight: torch.Tensor, quantize: bool = True) -> LinearWeight:
+    def pack(weight: torch.Tensor, name: str, quantize: bool = True) -> LinearWeight:
         scheme = scheme_for(tuple(weight.shape), weights.quantization if quantize else "none", weights.group_size)
         if scheme == "none":
-            return kernels.pack(weight)
-        return kernels.quantized(pack_weight(weight, scheme, weights.group_size))
+            packed = kernels.pack(weight)
+        else:
+            stats = (calibration or {}).get(name)
+            scale = None
+            if stats is not None:
+                scale, _ = input_channel_scales(weight, stats, lambda w: round_trip(w, scheme, weights.group_size))
+            packed = kernels.quantized(pack_weight(weight, scheme, weights.group_size, channel_scale=scale))
+        packed.name = name
+        return packed
 
     c = config
     dh, hidden, inter = c.head_dim, c.hidden_size, c.intermediate_size
@@ -117,7 +133,7 @@ def load_model(
     def read(name, shape, rows=None, cols=None):
         return reader.read(name, shape, dtype, rows, cols).to(device)
 
-    def int4_as_stored(parts: list[tuple[str, tuple[int, int], slice | None]], cols: slice | None):
+    def int4_as_stored(parts: list[tuple[str, tuple[int, int], slice | None]], cols: slice | None, name: str):
         """The weight straight from the checkpoint's own int4 blocks (GGUF Q4_0/Q4_1, when int4 at
         their group size is asked for), or None to read it as floats."""
         read_int4 = getattr(reader, "read_int4", None)
@@ -130,40 +146,44 @@ def load_model(
         if not int4_fits(tuple(codes.shape), weights.group_size):
             return None
         scales_zeros = torch.cat([b[1] for b in blocks], dim=1)  # [K/G, rows, 2]
-        return kernels.quantized(int4_weight(codes.to(device), scales_zeros.to(device), weights.group_size, dtype))
+        packed = kernels.quantized(int4_weight(codes.to(device), scales_zeros.to(device), weights.group_size, dtype))
+        packed.name = name
+        return packed
 
-    def linear_weight(parts: list[tuple[str, tuple[int, int], slice | None]], cols: slice | None = None):
-        """The row-wise concatenation of `parts` (name, full shape, this rank's rows), this rank's
-        `cols`, as one LinearWeight: [sum rows, in]."""
-        stored = int4_as_stored(parts, cols)
+    def linear_weight(name: str, parts: list[tuple[str, tuple[int, int], slice | None]], cols: slice | None = None):
+        """The row-wise concatenation of `parts` (tensor name, full shape, this rank's rows), this rank's
+        `cols`, as one LinearWeight called `name`: [sum rows, in]."""
+        stored = int4_as_stored(parts, cols, name)  # exact already: calibration has nothing to improve
         if stored is not None:
             return stored
         if len(parts) == 1:
-            name, shape, rows = parts[0]
-            return pack(read(name, shape, rows, cols))
+            tensor, shape, rows = parts[0]
+            return pack(read(tensor, shape, rows, cols), name)
         sizes = [r.stop - r.start for _, _, r in parts]
         out = torch.empty(sum(sizes), parts[0][1][1], dtype=dtype)
-        for (name, shape, rows), start in zip(parts, [sum(sizes[:i]) for i in range(len(sizes))]):
-            reader.read_into(out[start : start + rows.stop - rows.start], name, shape, rows=rows)
-        return pack(out.to(device))
+        for (tensor, shape, rows), start in zip(parts, [sum(sizes[:i]) for i in range(len(sizes))]):
+            reader.read_into(out[start : start + rows.stop - rows.start], tensor, shape, rows=rows)
+        return pack(out.to(device), name)
 
     # The LM head first: packing it briefly takes 2-3 copies of it, and that transient must not
     # come on top of every layer already loaded (in small-vocabulary-heavy models it is 25% of all).
     lm_head_name = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
-    lm_head = pack(read(lm_head_name, (c.vocab_size, hidden)), quantize=weights.quantize_lm_head)
+    lm_head = pack(read(lm_head_name, (c.vocab_size, hidden)), "lm_head", quantize=weights.quantize_lm_head)
     return_freed_memory()
     layers = []
     for i in tqdm(range(c.num_layers), desc="loading layers", disable=not show_progress):
         p = f"model.layers.{i}."
         attn = Attention(
             qkv=linear_weight(
+                p + "self_attn.qkv",
                 [
                     (p + "self_attn.q_proj.weight", (c.num_heads * dh, hidden), q_rows),
                     (p + "self_attn.k_proj.weight", (c.num_kv_heads * dh, hidden), kv_rows),
                     (p + "self_attn.v_proj.weight", (c.num_kv_heads * dh, hidden), kv_rows),
                 ]
             ),
-            o=linear_weight([(p + "self_attn.o_proj.weight", (hidden, c.num_heads * dh), None)], cols=q_rows),
+            o=linear_weight(p + "self_attn.o_proj", [(p + "self_attn.o_proj.weight", (hidden, c.num_heads * dh), None)],
+                            cols=q_rows),
             num_heads=c.num_heads // shard.world_size,
             num_kv_heads=c.num_kv_heads // shard.world_size,
             head_dim=dh,
@@ -173,12 +193,14 @@ def load_model(
             mlp = SparseMoe(
                 gate=read(e + "gate.weight", (c.num_experts, hidden)),
                 w13=[
-                    linear_weight([(f"{e}experts.{x}.{w}.weight", (inter, hidden), expert_rows) for w in ("w1", "w3")])
+                    linear_weight(f"{e}experts.{x}.w13",
+                                  [(f"{e}experts.{x}.{w}.weight", (inter, hidden), expert_rows) for w in ("w1", "w3")])
                     if shard.owns_expert(x, c.num_experts) else None
                     for x in range(c.num_experts)
                 ],
                 w2=[
-                    linear_weight([(f"{e}experts.{x}.w2.weight", (hidden, inter), None)], cols=expert_rows)
+                    linear_weight(f"{e}experts.{x}.w2", [(f"{e}experts.{x}.w2.weight", (hidden, inter), None)],
+                                  cols=expert_rows)
                     if shard.owns_expert(x, c.num_experts) else None
                     for x in range(c.num_experts)
                 ],
@@ -186,8 +208,9 @@ def load_model(
             )
         else:
             mlp = DenseMlp(
-                w13=linear_weight([(p + f"mlp.{w}_proj.weight", (inter, hidden), i_part) for w in ("gate", "up")]),
-                w2=linear_weight([(p + "mlp.down_proj.weight", (hidden, inter), None)], cols=i_part),
+                w13=linear_weight(p + "mlp.gate_up_proj",
+                                  [(p + f"mlp.{w}_proj.weight", (inter, hidden), i_part) for w in ("gate", "up")]),
+                w2=linear_weight(p + "mlp.down_proj", [(p + "mlp.down_proj.weight", (hidden, inter), None)], cols=i_part),
             )
         return_freed_memory()
         layers.append(

@@ -53,7 +53,8 @@ def test_prefix_router_is_configured_through_serves_request_router_config():
 
 
 @pytest.mark.parametrize("bad", [dict(min_replicas=1), dict(min_replicas=3, max_replicas=2), dict(port=0),
-                                 dict(tensor_parallel_size=0), dict(dtype="int8"), dict(unknown=1)])
+                                 dict(tensor_parallel_size=0), dict(dtype="int8"), dict(unknown=1),
+                                 dict(quantization_calibration="/no/such/calibration.txt")])
 def test_invalid_settings_are_rejected(bad):
     with pytest.raises(ValidationError):
         ServeSettings(**bad)
@@ -66,6 +67,10 @@ def test_cli_serve_flags_are_generated_from_the_settings_model():
     s = ServeSettings(**given)
     assert (s.tensor_parallel_size, s.replicas, s.prefix_routing, s.api_key, s.rank_cpus) == (2, 3, False, "k", 0.5)
     assert s.host == "127.0.0.1"  # loopback unless told otherwise
+    args = build_parser().parse_args(["serve", "--quantization", "int8", "--quantization-calibration", "builtin"])
+    weights = ServeSettings(quantization=args.quantization,
+                            quantization_calibration=args.quantization_calibration).engine_config("m").weight_format()
+    assert (weights.quantization, weights.calibration) == ("int8", "builtin")
 
 
 def test_serve_config_entry_point_takes_the_api_key_from_the_environment(monkeypatch):

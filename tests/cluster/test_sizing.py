@@ -64,6 +64,12 @@ def test_mixtral_8x7b_in_int4_takes_at_most_27_gb_and_int8_about_half_of_bf16():
     assert int4.weight_bytes_per_rank <= 27e9 and int4.weight_bytes_per_rank / bf16 <= 0.3
     assert 0.49 <= int8.weight_bytes_per_rank / bf16 <= 0.51
     assert "int4 (group 64)" in int4.lines()[0]
+    # activation-aware calibration adds K bf16 input scales per quantized weight: per layer qkv and o
+    # (4096 inputs each), 8 experts' w13 (4096) and w2 (14336)
+    calibrated = size_deployment(ServeSettings(dtype="bfloat16", device="cuda", quantization="int4",
+                                               quantization_calibration="builtin"), MIXTRAL_8X7B)
+    per_layer = (4096 + 4096 + 8 * (4096 + 14336)) * 2
+    assert calibrated.weight_bytes_per_rank - int4.weight_bytes_per_rank == 32 * per_layer
 
 
 def test_the_kv_cache_sized_from_memory_gets_what_quantization_saves():

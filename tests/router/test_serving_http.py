@@ -221,8 +221,8 @@ def test_grpc_generate_unary_and_streaming_match_http(server, client):
 
 def test_re_isq_switches_the_replica_to_int8_and_back_with_the_same_outputs(server):
     """POST /v1/re_isq (mistral.rs's name): API key required, 400 for an unknown format, 409 while
-    requests are in flight; none -> int8 shrinks the weights (/metrics shows it), and switching back
-    gives the greedy outputs from before."""
+    requests are in flight; none -> int8 shrinks the weights (/metrics shows it), int8 calibrated on the
+    built-in text adds its input scales, and switching back gives the greedy outputs from before."""
     url = server[0]
     greedy = {"prompt": [1] + list(range(300, 340)), "max_tokens": 10, "temperature": 0, "ignore_eos": True}
 
@@ -242,6 +242,14 @@ def test_re_isq_switches_the_replica_to_int8_and_back_with_the_same_outputs(serv
     assert switched.json()["quantization"] == "int8" and 0 < switched.json()["weight_bytes"] < full_bytes
     assert weight_bytes_in_metrics() == switched.json()["weight_bytes"]
     assert _post(url, "/v1/completions", greedy).status_code == 200
+    # activation-aware: observed on the built-in text first; the input scales add a little. A client
+    # cannot name a file on the server.
+    calibrated = _post(url, "/v1/re_isq", {"quantization": "int8", "calibration": "builtin"})
+    assert calibrated.status_code == 200, calibrated.text
+    assert calibrated.json()["calibration"] == "builtin"
+    assert switched.json()["weight_bytes"] < calibrated.json()["weight_bytes"] < full_bytes
+    assert _post(url, "/v1/completions", greedy).status_code == 200
+    assert _post(url, "/v1/re_isq", {"quantization": "int8", "calibration": "/etc/passwd"}).status_code == 400
 
     # 3 requests x 16 sequences x 120 tokens: seconds of work for the engine (measured ~2.5 s each)
     long = {"prompt": "busy " * 10, "max_tokens": 120, "n": 16, "ignore_eos": True}

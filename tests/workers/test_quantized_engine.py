@@ -17,9 +17,17 @@ from .engine_helpers import greedy, make_engine, output_ids, random_prompts
 from .test_engine_matches_transformers import _logits_prefill_then_decode
 
 
-def _runner(path, quantization: str, dtype=torch.float32, group_size: int = 64) -> ModelRunner:
+def _runner(path, quantization: str, dtype=torch.float32, group_size: int = 64, calibration: str = "none"
+            ) -> ModelRunner:
     return ModelRunner(path, load_model_config(path), dtype, CacheShape(160, 16),
-                       weights=WeightFormat(quantization=quantization, group_size=group_size))
+                       weights=WeightFormat(quantization=quantization, group_size=group_size, calibration=calibration))
+
+
+def _layer_linears(model):
+    for layer in model.layers:
+        yield layer.attention.qkv
+        yield layer.attention.o
+        yield from (layer.mlp.w13 + layer.mlp.w2) if isinstance(layer.mlp.w13, list) else (layer.mlp.w13, layer.mlp.w2)
 
 
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
@@ -39,6 +47,39 @@ def test_quantized_tiny_model_reports_its_schemes_shrinks_and_stays_close(tiny_c
     print(f"tiny {quantization}: median |logit error| {typical:.4f} of the logits' std, top-1 agreement {agree:.3f}")
     assert typical < {"int8": 0.01, "int4": 0.15}[quantization], typical
     assert agree > {"int8": 0.95, "int4": 0.5}[quantization], agree  # random weights: 1/32000 if broken
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_calibrated_quantization_scales_every_quantized_weight_by_its_observed_inputs(tiny_checkpoint, quantization):
+    """--quantization-calibration builtin: the model is observed on the standard library's docstrings
+    and every quantized layer weight (attention and each expert) gets its own input scales; the LM
+    head (not quantized) none. The scales cost K activation-dtype numbers a weight, and the model stays
+    as close to unquantized as plain rounding (tiny's random weights have no outlier channels to gain on)."""
+    plain, aware = _runner(tiny_checkpoint, quantization), _runner(tiny_checkpoint, quantization, calibration="builtin")
+    scaled = list(_layer_linears(aware.model))
+    assert len(scaled) == 2 * 2 + 2 * 2 * 8  # 2 layers: qkv, o and 8 experts' w13, w2
+    assert all(w.kernel == quantization and w.input_scale is not None and w.input_scale.shape == (w.in_features,)
+               for w in scaled), [(w.name, w.kernel) for w in scaled]
+    assert len({w.name for w in scaled}) == len(scaled)  # each its own statistics
+    assert aware.model.lm_head.input_scale is None and all(w.input_scale is None for w in _layer_linears(plain.model))
+    scale_bytes = sum(w.in_features * 4 for w in scaled)  # float32
+    assert aware.model.weight_bytes() == plain.model.weight_bytes() + scale_bytes
+    # some channels are scaled up and others down: the statistics reached the weights
+    assert any(w.input_scale.max() / w.input_scale.min() > 1.05 for w in scaled)
+    full = _runner(tiny_checkpoint, "none")
+    prompt = random_prompts([90], seed=5)[0]
+    ref, _ = _logits_prefill_then_decode(full, prompt, 7)
+    errors = {}
+    for name, runner in (("plain", plain), ("calibrated", aware)):
+        ours, _ = _logits_prefill_then_decode(runner, prompt, 7)
+        errors[name] = ((ours - ref).abs().median() / ref.std()).item()
+    print(f"tiny {quantization}: median |logit error| / std: {errors}")
+    assert errors["calibrated"] < 1.25 * errors["plain"], errors
+
+
+def test_a_calibration_source_that_is_not_there_is_refused_before_loading(tiny_checkpoint):
+    with pytest.raises(ValueError, match="'none', 'builtin' or the path of a text file"):
+        make_engine(tiny_checkpoint, quantization="int8", quantization_calibration="/no/such/text.txt")
 
 
 def test_the_engine_generates_with_int4_weights(tiny_checkpoint):
@@ -87,10 +128,13 @@ def test_smollm2_perplexity_on_20k_tokens_of_english_moves_little():
     # int4 in groups of 32: the grid of the file's own Q4_1 blocks (w = d q + m per 32 weights), so
     # re-quantizing them is close to exact; groups of 64 straddle two Q4_1 scales (measured: +29%).
     results = {q: _perplexity(_runner(GGUF, q, group_size=32), ids) for q in ("none", "int8", "int4")}
+    # activation-aware int8: calibrated on other modules' docstrings (workers/calibration.py), not these
+    results["int8 calibrated"] = _perplexity(_runner(GGUF, "int8", calibration="builtin"), ids)
     print(f"SmolLM2 perplexity on {len(ids)} tokens of stdlib docstrings: "
           + ", ".join(f"{q} {p:.3f}" for q, p in results.items()))
     assert results["none"] < 50  # a real model on real text
     assert results["int8"] <= 1.01 * results["none"]
+    assert results["int8 calibrated"] <= 1.01 * results["none"]
     assert results["int4"] <= 1.08 * results["none"]
 
 
@@ -169,5 +213,22 @@ def test_requantize_switches_an_idle_engine_to_int8_and_back_with_the_same_outpu
 
     engine.requantize("none")
     assert engine.weight_bytes() == full_bytes
+    assert output_ids(engine.generate(prompts, greedy(12))) == before
+    engine.shutdown()
+
+
+def test_requantize_with_calibration_observes_the_running_model_and_switching_back_restores_it(tiny_checkpoint):
+    """An engine configured with a calibration source re-quantizes activation-aware: the idle model
+    is observed on the text first (the KV cache is scratch for it), and none again gives the
+    outputs from before."""
+    engine = make_engine(tiny_checkpoint, dtype="bfloat16", quantization_calibration="builtin")
+    prompts = random_prompts([40, 75], seed=12)
+    before = output_ids(engine.generate(prompts, greedy(12)))
+    engine.requantize("int8")
+    model = engine.executor.runner.model
+    assert all(w.input_scale is not None and w.input_scale.dtype == torch.bfloat16 for w in _layer_linears(model))
+    assert [len(ids) for ids in output_ids(engine.generate(prompts, greedy(12)))] == [12, 12]
+    engine.requantize("none")
+    assert all(w.input_scale is None for w in _layer_linears(engine.executor.runner.model))
     assert output_ids(engine.generate(prompts, greedy(12))) == before
     engine.shutdown()

@@ -2,6 +2,7 @@
 failures surface as errors instead of hangs."""
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
@@ -57,6 +58,26 @@ def test_requantize_reloads_every_rank_and_switching_back_restores_the_outputs(t
         engine.requantize("none")
         assert engine.weight_bytes() == full_bytes
         assert output_ids(engine.generate(prompts, greedy(12))) == before
+    finally:
+        engine.shutdown()
+
+
+def test_calibrated_requantize_observes_in_step_on_every_rank(tiny_checkpoint):
+    """Re-quantizing with calibration on TP=2: both ranks run the calibration prefills together (their
+    all-reduces pair up; a rank out of step would hang until the timeout) and each scales its own
+    shard's input channels, so every rank's weights grow by the input scales: K float32 numbers per
+    quantized weight, K being the shard's own input width (o_proj and w2 are split by columns)."""
+    prompts = random_prompts([9, 40], seed=67)
+    engine = tp2(tiny_checkpoint, quantization_calibration="builtin")
+    try:
+        engine.requantize("int8")
+        calibrated = engine.weight_bytes()
+        assert [len(ids) for ids in output_ids(engine.generate(prompts, greedy(12)))] == [12, 12]
+        engine.weight_format = dataclasses.replace(engine.weight_format, calibration="none")
+        engine.requantize("int8")
+        # per layer, rank 0: qkv [64 in], o [64 / 2 in], 8 experts' w13 [64 in] and w2 [128 / 2 in]
+        scale_bytes = 2 * (64 + 32 + 8 * (64 + 64)) * 4
+        assert calibrated - engine.weight_bytes() == scale_bytes
     finally:
         engine.shutdown()
 
