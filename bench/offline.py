@@ -131,8 +131,9 @@ def run_offline_bench(model: str, workload: OfflineWorkload, dtype: str = "auto"
     load_before = os.getloadavg()[0]
     ours = bench_mixserve(model, workload, dtype, weights, one_at_a_time)
     calibrated = f" calibrated on {ours['calibration']}" if ours["calibration"] != "none" else ""
-    print(f"mixserve ({ours['dtype']}, weights {ours['quantization']}{calibrated}, {ours['weight_bytes'] / 2**30:.2f} GiB, "
-          f"loaded in {ours['load_s']} s): {ours['output_tokens_per_s']} output tok/s ({ours['total_s']} s)", flush=True)
+    print(f"mixserve ({ours['dtype']}, weights {ours['quantization']}{calibrated}, "
+          f"{ours['weight_bytes'] / 2**30:.2f} GiB, loaded in {ours['load_s']} s): "
+          f"{ours['output_tokens_per_s']} output tok/s ({ours['total_s']} s)", flush=True)
     if "one_at_a_time" in ours:
         alone = ours["one_at_a_time"]
         print(f"mixserve ({ours['dtype']}), {alone['prompts']} prompts one at a time: "

@@ -66,7 +66,7 @@ def quantized_bytes(shape: tuple[int, int], scheme: str, itemsize: int, group_si
     """Bytes of one [N, K] weight stored as `scheme` (codes and scales; kernels/quantize.py), with
     `calibrated` its K input scales too (kernels/activation_aware.py)."""
     n, k = shape
-    input_scales = k * itemsize if calibrated and scheme != "none" else 0
+    input_scales = k * itemsize if calibrated else 0
     if scheme == "int8":
         return n * k + n * itemsize + input_scales
     if scheme == "int4":

@@ -26,15 +26,17 @@ CHUNK_TOKENS = 512
 BUILTIN_MODULES = ("os", "re", "functools", "itertools", "typing", "dataclasses", "asyncio", "socket", "shutil", "csv")
 
 
+def module_docstrings(name: str) -> list[str]:
+    """English prose from a standard-library module: its docstring, then its public members' in name
+    order, those over 200 characters."""
+    module = importlib.import_module(name)
+    docs = [inspect.getdoc(module)] + [inspect.getdoc(getattr(module, n)) for n in sorted(dir(module))
+                                       if not n.startswith("_")]
+    return [d for d in docs if d and len(d) > 200]
+
+
 def builtin_text() -> str:
-    """English prose from the standard library: module and public member docstrings over 200 characters."""
-    docs = []
-    for name in BUILTIN_MODULES:
-        module = importlib.import_module(name)
-        members = [inspect.getdoc(module)] + [inspect.getdoc(getattr(module, n)) for n in sorted(dir(module))
-                                               if not n.startswith("_")]
-        docs += [d for d in members if d and len(d) > 200]
-    return "\n\n".join(docs)
+    return "\n\n".join(doc for name in BUILTIN_MODULES for doc in module_docstrings(name))
 
 
 def check_calibration_source(source: str) -> None:

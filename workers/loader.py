@@ -133,7 +133,7 @@ def load_model(
     def read(name, shape, rows=None, cols=None):
         return reader.read(name, shape, dtype, rows, cols).to(device)
 
-    def int4_as_stored(parts: list[tuple[str, tuple[int, int], slice | None]], cols: slice | None, name: str):
+    def int4_as_stored(parts: list[tuple[str, tuple[int, int], slice | None]], cols: slice | None):
         """The weight straight from the checkpoint's own int4 blocks (GGUF Q4_0/Q4_1, when int4 at
         their group size is asked for), or None to read it as floats."""
         read_int4 = getattr(reader, "read_int4", None)
@@ -146,15 +146,14 @@ def load_model(
         if not int4_fits(tuple(codes.shape), weights.group_size):
             return None
         scales_zeros = torch.cat([b[1] for b in blocks], dim=1)  # [K/G, rows, 2]
-        packed = kernels.quantized(int4_weight(codes.to(device), scales_zeros.to(device), weights.group_size, dtype))
-        packed.name = name
-        return packed
+        return kernels.quantized(int4_weight(codes.to(device), scales_zeros.to(device), weights.group_size, dtype))
 
     def linear_weight(name: str, parts: list[tuple[str, tuple[int, int], slice | None]], cols: slice | None = None):
         """The row-wise concatenation of `parts` (tensor name, full shape, this rank's rows), this rank's
         `cols`, as one LinearWeight called `name`: [sum rows, in]."""
-        stored = int4_as_stored(parts, cols, name)  # exact already: calibration has nothing to improve
+        stored = int4_as_stored(parts, cols)  # exact already: calibration has nothing to improve
         if stored is not None:
+            stored.name = name
             return stored
         if len(parts) == 1:
             tensor, shape, rows = parts[0]
@@ -210,7 +209,8 @@ def load_model(
             mlp = DenseMlp(
                 w13=linear_weight(p + "mlp.gate_up_proj",
                                   [(p + f"mlp.{w}_proj.weight", (inter, hidden), i_part) for w in ("gate", "up")]),
-                w2=linear_weight(p + "mlp.down_proj", [(p + "mlp.down_proj.weight", (hidden, inter), None)], cols=i_part),
+                w2=linear_weight(p + "mlp.down_proj", [(p + "mlp.down_proj.weight", (hidden, inter), None)],
+                                 cols=i_part),
             )
         return_freed_memory()
         layers.append(

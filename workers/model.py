@@ -13,7 +13,7 @@ Shape legend (kernels/__init__.py's letters, plus this rank's shares):
     (max_position_embeddings), S = cache slots.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -106,18 +106,26 @@ class MixtralModel:
         self.dtype = embed.dtype
         self.kernel_report = kernel_report or {}  # linear weight shape -> kernel chosen at load
 
-    def weight_bytes(self) -> int:
-        """Bytes of the weights this rank holds (quantized codes and their scales included)."""
-        tensors, linears = [self.embed, self.norm], [self.lm_head]
+    def layer_linears(self) -> Iterator[LinearWeight]:
+        """Every decoder layer's linear weight this rank holds: q/k/v, o, and the MLP's or each owned
+        expert's w13 and w2 (the LM head is `lm_head`)."""
         for layer in self.layers:
-            tensors += [layer.input_norm, layer.post_attention_norm]
-            linears += [layer.attention.qkv, layer.attention.o]
+            yield layer.attention.qkv
+            yield layer.attention.o
             mlp = layer.mlp
             if isinstance(mlp, SparseMoe):
-                tensors.append(mlp.gate)
-                linears += [w for w in mlp.w13 + mlp.w2 if w is not None]
+                yield from (w for w in mlp.w13 + mlp.w2 if w is not None)
             else:
-                linears += [mlp.w13, mlp.w2]
+                yield from (mlp.w13, mlp.w2)
+
+    def weight_bytes(self) -> int:
+        """Bytes of the weights this rank holds (quantized codes and their scales included)."""
+        tensors = [self.embed, self.norm]
+        for layer in self.layers:
+            tensors += [layer.input_norm, layer.post_attention_norm]
+            if isinstance(layer.mlp, SparseMoe):
+                tensors.append(layer.mlp.gate)
+        linears = [self.lm_head, *self.layer_linears()]
         return sum(t.numel() * t.element_size() for t in tensors) + sum(w.nbytes for w in linears)
 
     @torch.inference_mode()

@@ -48,7 +48,8 @@ def test_scaled_rounding_lowers_the_output_error_on_uneven_activations(scheme):
     exact = held_out @ weight.T  # [300, 512]
     plain_error = (linear(held_out, plain) - exact).norm() / exact.norm()
     aware_error = (linear(held_out, aware) - exact).norm() / exact.norm()
-    print(f"\n{scheme}: relative output error plain {plain_error:.5f}, activation-aware {aware_error:.5f} (alpha {alpha})")
+    print(f"\n{scheme}: relative output error plain {plain_error:.5f}, activation-aware {aware_error:.5f} "
+          f"(alpha {alpha})")
     assert aware_error < 0.75 * plain_error, (plain_error, aware_error)
 
 

@@ -3,12 +3,12 @@ weight quantized as it is read), the report says so, the weights shrink, and the
 computes nearly the same logits; on real text (SmolLM2) perplexity moves by at most 1% (int8) and 8%
 (int4, group 32)."""
 
-import inspect
 import math
 
 import pytest
 import torch
 
+from mixserve.workers.calibration import module_docstrings
 from mixserve.workers.config import load_model_config
 from mixserve.workers.loader import WeightFormat
 from mixserve.workers.model_runner import CacheShape, ModelRunner
@@ -21,13 +21,6 @@ def _runner(path, quantization: str, dtype=torch.float32, group_size: int = 64, 
             ) -> ModelRunner:
     return ModelRunner(path, load_model_config(path), dtype, CacheShape(160, 16),
                        weights=WeightFormat(quantization=quantization, group_size=group_size, calibration=calibration))
-
-
-def _layer_linears(model):
-    for layer in model.layers:
-        yield layer.attention.qkv
-        yield layer.attention.o
-        yield from (layer.mlp.w13 + layer.mlp.w2) if isinstance(layer.mlp.w13, list) else (layer.mlp.w13, layer.mlp.w2)
 
 
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
@@ -56,12 +49,12 @@ def test_calibrated_quantization_scales_every_quantized_weight_by_its_observed_i
     head (not quantized) none. The scales cost K activation-dtype numbers a weight, and the model stays
     as close to unquantized as plain rounding (tiny's random weights have no outlier channels to gain on)."""
     plain, aware = _runner(tiny_checkpoint, quantization), _runner(tiny_checkpoint, quantization, calibration="builtin")
-    scaled = list(_layer_linears(aware.model))
+    scaled = list(aware.model.layer_linears())
     assert len(scaled) == 2 * 2 + 2 * 2 * 8  # 2 layers: qkv, o and 8 experts' w13, w2
     assert all(w.kernel == quantization and w.input_scale is not None and w.input_scale.shape == (w.in_features,)
                for w in scaled), [(w.name, w.kernel) for w in scaled]
     assert len({w.name for w in scaled}) == len(scaled)  # each its own statistics
-    assert aware.model.lm_head.input_scale is None and all(w.input_scale is None for w in _layer_linears(plain.model))
+    assert aware.model.lm_head.input_scale is None and all(w.input_scale is None for w in plain.model.layer_linears())
     scale_bytes = sum(w.in_features * 4 for w in scaled)  # float32
     assert aware.model.weight_bytes() == plain.model.weight_bytes() + scale_bytes
     # some channels are scaled up and others down: the statistics reached the weights
@@ -90,16 +83,13 @@ def test_the_engine_generates_with_int4_weights(tiny_checkpoint):
 
 
 def _real_text_ids(tokenizer, min_tokens: int) -> list[int]:
-    """English from the standard library's docstrings (modules and their public functions/classes)."""
-    import argparse, collections, email, json, logging, pathlib, subprocess, textwrap, threading, unittest  # noqa: E401
-
+    """English from the standard library's docstrings (modules and their public functions/classes;
+    other modules than the built-in calibration text's)."""
     ids: list[int] = []
-    for module in (argparse, logging, collections, unittest, subprocess, threading, pathlib, email, json, textwrap):
-        docs = [inspect.getdoc(module) or ""]
-        docs += [inspect.getdoc(getattr(module, n)) or "" for n in sorted(dir(module)) if not n.startswith("_")]
-        for doc in docs:
-            if len(doc) > 200:
-                ids += tokenizer.encode(doc + "\n\n", add_bos=False)
+    for module in ("argparse", "logging", "collections", "unittest", "subprocess", "threading", "pathlib", "email",
+                   "json", "textwrap"):
+        for doc in module_docstrings(module):
+            ids += tokenizer.encode(doc + "\n\n", add_bos=False)
         if len(ids) >= min_tokens:
             break
     return ids
@@ -226,9 +216,9 @@ def test_requantize_with_calibration_observes_the_running_model_and_switching_ba
     before = output_ids(engine.generate(prompts, greedy(12)))
     engine.requantize("int8")
     model = engine.executor.runner.model
-    assert all(w.input_scale is not None and w.input_scale.dtype == torch.bfloat16 for w in _layer_linears(model))
+    assert all(w.input_scale is not None and w.input_scale.dtype == torch.bfloat16 for w in model.layer_linears())
     assert [len(ids) for ids in output_ids(engine.generate(prompts, greedy(12)))] == [12, 12]
     engine.requantize("none")
-    assert all(w.input_scale is None for w in _layer_linears(engine.executor.runner.model))
+    assert all(w.input_scale is None for w in engine.executor.runner.model.layer_linears())
     assert output_ids(engine.generate(prompts, greedy(12))) == before
     engine.shutdown()
