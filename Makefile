@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml
 serve: $(STAMP)
 	$(BIN)/mixserve serve
 
+# -P and pytest's importlib mode keep the repository root off sys.path: its kernels/ folder would shadow
+# Hugging Face's `kernels` package, which transformers imports (tests/test_import_path.py guards this).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -P -m pytest -q tests
 
 bench: $(STAMP)
 	$(BIN)/mixserve bench offline --preset mini --compare-transformers

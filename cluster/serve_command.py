@@ -27,6 +27,7 @@ def start_serve(settings: ServeSettings) -> str:
     """Deploy and wait until /health answers; returns the base URL."""
     # Resolved once here (a hub id downloads with a progress bar): a model that cannot be had or cannot
     # fit fails before Ray starts, and the replicas on this node then find it in the hub cache.
+    settings = settings.with_absolute_paths()
     settings = report_sizing(settings, resolve_source(resolve_model(settings), show_progress=True))
     init_ray_for(settings)
     needed, at_most = settings.cpus_needed(), settings.cpus_needed(at_most=True)

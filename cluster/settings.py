@@ -117,6 +117,19 @@ class ServeSettings(BaseModel):
         "Each pass wakes the controller and Ray's GCS; on a small CPU machine those wake-ups preempt the engine's "
         "threads. Serve then reacts to health checks and load up to this much later")
 
+    def with_absolute_paths(self) -> "ServeSettings":
+        """These settings with every local path made absolute (the model when it is a local folder or
+        file, the request log, a calibration text file): Ray's processes do not start in the caller's
+        working directory (cluster/ray_start.py)."""
+        def absolute(path: str | None) -> str | None:
+            return os.path.abspath(path) if path and os.path.exists(path) else path
+
+        update = {"model": absolute(self.model), "request_log": os.path.abspath(self.request_log)
+                  if self.request_log else None}
+        if self.quantization_calibration not in ("none", "builtin"):
+            update["quantization_calibration"] = absolute(self.quantization_calibration)
+        return self.model_copy(update=update)
+
     def local_head_env(self) -> dict[str, str]:
         """Environment of a local Ray head started for these settings (cluster/ray_start.py)."""
         return {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": str(self.serve_control_loop_s)}

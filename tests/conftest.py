@@ -7,8 +7,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
+import ray.cloudpickle
 
+import tests
 from mixserve.random_models.random_checkpoint import write_mistral_layout, write_random_checkpoint
+
+# Ray's workers cannot import this package (the repository root is on no worker's path, see
+# cluster/ray_start.py): functions and classes the tests send them travel by value.
+ray.cloudpickle.register_pickle_by_value(tests)
 
 
 @pytest.fixture(scope="session")
