@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 
-from ..workers.async_engine import EngineDeadError
+from ..workers.async_engine import EngineDeadError, RequestFailedError
 from ..workers.prefix_hash import block_hashes
 from ..workers.request_checks import ContextLengthError, completion_budget, prompt_token_ids
 from ..workers.sampling_params import SamplingParams
@@ -31,6 +31,7 @@ from .request_log import RequestLog, RequestRecord
 
 logger = logging.getLogger("mixserve.ingress")
 
+AT_CAPACITY = "the server is at capacity; retry shortly"
 REPLICA_ATTEMPTS = 3  # tries of a request whose replica fails before its first chunk
 RETRY_BACKOFF_S = 0.2  # times the attempt number, before routing again
 # The replica's actor died or cannot be reached, or its engine failed (EngineDeadError, which arrives
@@ -72,12 +73,16 @@ class RequestPipeline:
     `async for` and `cancel()`: a Serve streaming response in the ingress)."""
 
     def __init__(self, model: PipelineModel, open_stream: Callable, metrics: ServingMetrics, request_log: RequestLog,
-                 api_key: str | None = None):
+                 api_key: str | None = None, max_in_flight: int | None = None):
+        """`max_in_flight`: requests this pipeline streams at once, beyond which it answers 503 +
+        Retry-After itself (for a shape where no Serve handle queue caps them: direct HTTP)."""
         self.model = model
         self.open_stream = open_stream
         self.metrics = metrics
         self.request_log = request_log
         self.api_key = api_key
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
 
     # ---- authorize, parse, tokenize, validate ------------------------------------------------
 
@@ -136,7 +141,18 @@ class RequestPipeline:
         Replica failure rule: if the replica dies (or its engine fails) before the request's first
         chunk, the request goes to a replica again, up to REPLICA_ATTEMPTS times, unseen by the
         client; after its first chunk it ends with ApiError 503 (an SSE error event, or a JSON error),
-        never a cut connection."""
+        never a cut connection. A request that failed on its own (RequestFailedError: the engine
+        serves on) is never routed again: it ends with ApiError 500."""
+        if self.max_in_flight is not None and self.in_flight >= self.max_in_flight:
+            raise ApiError(503, AT_CAPACITY, "server_overloaded", 503)
+        self.in_flight += 1
+        try:
+            async for chunk in self._routed_chunks(req, record):
+                yield chunk
+        finally:
+            self.in_flight -= 1
+
+    async def _routed_chunks(self, req: GenerateRequest, record: RequestRecord) -> AsyncIterator[GenerateChunk]:
         for attempt in range(1, REPLICA_ATTEMPTS + 1):
             stream = None
             finished = started = retrying = False
@@ -149,9 +165,13 @@ class RequestPipeline:
                     yield chunk
                 return
             except BackPressureError:
-                raise ApiError(503, "the server is at capacity; retry shortly", "server_overloaded", 503) from None
+                raise ApiError(503, AT_CAPACITY, "server_overloaded", 503) from None
             except ValueError as exc:  # the engine refused the request (a RayTaskError that is a ValueError)
                 raise ApiError(400, remote_message(exc)) from None
+            except RequestFailedError as exc:  # it failed on its own; the replica serves on: never re-routed
+                record.status = "request_failed"
+                raise ApiError(500, f"this request failed in the engine ({remote_message(exc)}); the server goes "
+                                    "on serving", "server_error", "request_failed") from None
             except _REPLICA_FAILURES as exc:
                 failed = record.replica or "a replica"
                 if record.replica and isinstance(exc, (RayActorError, ReplicaUnavailableError)):

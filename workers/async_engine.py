@@ -49,6 +49,11 @@ class EngineDeadError(RuntimeError):
     """The engine failed and can no longer serve; the replica should be replaced."""
 
 
+class RequestFailedError(RuntimeError):
+    """One request failed on its own (its sampling, stop check or detokenization, or queueing it
+    raised something other than a refusal); the engine goes on. Never worth routing again."""
+
+
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine | Callable[[], LLMEngine],
                  on_failure: Callable[[BaseException], None] | None = None):
@@ -93,7 +98,8 @@ class AsyncLLMEngine:
     async def generate(
         self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
-        """Stream the request's reports until it finishes. Raises ValueError for a bad request."""
+        """Stream the request's reports until it finishes. Raises ValueError for a bad request and
+        RequestFailedError when the request failed on its own (the engine serves on)."""
         self._raise_if_failed()
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._streams:
@@ -102,13 +108,21 @@ class AsyncLLMEngine:
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         finished = False
         try:
-            await self.call(self.engine.add_request, request_id, prompt, params)
+            try:
+                await self.call(self.engine.add_request, request_id, prompt, params)
+            except ValueError:
+                raise
+            except Exception as exc:  # nothing was queued: this request's failure alone
+                raise RequestFailedError(f"queueing the request failed: {type(exc).__name__}: {exc}") from exc
             while not finished:
                 item = await stream.get()
                 while not isinstance(item, BaseException) and not item.finished and not stream.empty():
                     item = fold_reports(item, stream.get_nowait())  # the reader fell behind: one item
                 if isinstance(item, BaseException):
                     raise EngineDeadError(f"engine failed: {item!r}") from item
+                if item.error is not None:
+                    finished = True
+                    raise RequestFailedError(item.error)
                 finished = item.finished
                 yield item
         finally:

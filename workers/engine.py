@@ -3,7 +3,13 @@
 `add_request` validates and queues; `step` schedules a batch (workers/scheduler.py), runs it on
 the executor, appends sampled tokens, applies stop conditions, hands the step back to the
 scheduler (`postprocess`: computed tokens, prefix cache, finished sequences) and reports every
-request that moved; `abort_request` drops a request and frees its blocks. `generate` is the
+request that moved; `abort_request` drops a request and frees its blocks.
+
+Failure rule: a failure of the step itself (the executor raised: the model, a rank) propagates
+and the engine is done. A failure that belongs to one request (its sampling, reported per row by
+the sampler; its stop check or detokenization here) finishes that request alone, every sequence
+of it with finish_reason "error" and the message in RequestOutput.error; the step and every other
+request go on. `generate` is the
 blocking convenience over those three. Not thread-safe: one thread drives an engine
 (workers/async_engine.py does so for asyncio callers).
 """
@@ -137,8 +143,11 @@ class LLMEngine:
         """Re-read the weights from the checkpoint with another weight-only quantization (none, int8,
         int4 in groups of `group_size`; mistral.rs's re-ISQ), activation-aware when `calibration` (default:
         the current one) is a source (workers/calibration.py). ValueError for an unknown format;
-        EngineBusyError while any request is in flight (drain first); either way nothing changes.
-        The prefix cache is forgotten: its KV was computed with the old weights. Returns the new format."""
+        EngineBusyError while any request is in flight (drain first); WeightReloadError if reading
+        the new weights fails on any rank (workers/model_runner.py: the old ones stay until the new
+        ones are in, so memory peaks at two models). In all three cases nothing changes: same weights,
+        format, outputs and prefix cache. After a swap the prefix cache is forgotten: its KV was
+        computed with the old weights. Returns the new format."""
         weights = dataclasses.replace(self.weight_format, quantization=quantization,
                                       group_size=group_size or self.weight_format.group_size,
                                       calibration=calibration or self.weight_format.calibration)
@@ -183,18 +192,45 @@ class LLMEngine:
             return []
         result = self.executor.execute(StepInput([self._chunk_input(c) for c in scheduled.chunks]))
         touched: dict[str, None] = {}
+        failed: dict[str, str] = {}
         for chunk in scheduled.chunks:
-            if self._take_result(chunk.seq, result.results.get(chunk.seq.seq_id)):
-                touched[chunk.seq.request_id] = None
+            seq = chunk.seq
+            if seq.request_id in failed:
+                continue
+            try:
+                moved = self._take_result(seq, result.results.get(seq.seq_id))
+            except Exception as exc:  # this request's own stop check or detokenization
+                moved, failed[seq.request_id] = True, f"detokenizing failed: {type(exc).__name__}: {exc}"
+            if moved:
+                touched[seq.request_id] = None
+            if seq.request_id not in failed and seq.error is not None:
+                failed[seq.request_id] = seq.error
+        for request_id, message in failed.items():
+            self._fail_request(request_id, message, scheduled.chunks)
         self.stats.steps += 1
         self.stats.prompt_tokens_computed += self.scheduler.postprocess(scheduled)
         return [self._report(rid) for rid in touched]
 
+    def _fail_request(self, request_id: str, message: str, chunks: list[ScheduledChunk]) -> None:
+        """Finish every sequence of a request whose own processing raised (the failure rule): the
+        ones in this step are retired by `postprocess`, the others (its other choices) now."""
+        in_step = {c.seq for c in chunks}
+        for seq in self._requests[request_id][1]:
+            seq.error = seq.error or message
+            if not seq.is_finished:
+                seq.finish_reason = "error"
+                if seq not in in_step:
+                    self.scheduler.finish(seq)
+        log.warning("request %s failed alone: %s", request_id, message)
+
     def _take_result(self, seq: Sequence, out: SeqResult | None) -> bool:
         """Record a sequence's prompt logprobs and sampled token (before `postprocess` advances
-        it); True if a token was sampled."""
+        it); True if a token was sampled or the sequence's own sampling failed."""
         if out is None:
             return False
+        if out.error is not None:
+            seq.error = out.error
+            return True
         if out.prompt_logprobs:
             start = seq.num_computed_tokens
             for offset, entry in enumerate(out.prompt_logprobs):
@@ -249,6 +285,7 @@ class LLMEngine:
             request_id=request_id, prompt=prompt, prompt_token_ids=first.prompt_token_ids, outputs=outputs,
             finished=finished, num_cached_tokens=first.num_cached_prompt_tokens,
             prompt_logprobs=list(first.prompt_logprobs) if first.params.prompt_logprobs is not None else None,
+            error=next((s.error for s in seqs if s.error is not None), None),
         )
 
     # ---- convenience ----------------------------------------------------------------------

@@ -13,7 +13,7 @@ class CompletionOutput:
     delta_text: str = ""  # new since the previous report
     delta_token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] | None = None
-    finish_reason: str | None = None  # "stop", "length", "abort"
+    finish_reason: str | None = None  # "stop", "length", "abort", "error"
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
 
     @property
@@ -30,3 +30,4 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    error: str | None = None  # the request failed on its own (finished; workers/engine.py's failure rule)

@@ -1,5 +1,9 @@
 """Pick next tokens and gather logprobs for a step's sequences (the policy is kernels/sampling.py).
 
+Isolation rule: the rows are sampled as one batch; if that raises, each row is sampled again on
+its own, and a row that still raises gets `SeqResult.error` instead of a token. One request's
+parameters can fail only that request, never the step (the engine fails the request alone).
+
 Seeding rule: the noise for token i of a sequence comes from a generator seeded with a mix of
 (sequence seed, i). That makes a seeded request reproducible whatever it is batched with, and
 survives preemption (recompute never redraws a token) and tensor parallelism (no hidden state).
@@ -29,17 +33,15 @@ def _logprob_entries(chosen_lp, top_lp, top_ids, chosen) -> list[TokenLogprobs]:
 def sample_step(logits: torch.Tensor, inputs: ModelInputs) -> StepOutput:
     """logits: [R, V] float32 for inputs.logits_indices -> a result per sequence that sampled
     or asked for prompt logprobs."""
-    vocab = logits.shape[-1]
     results: dict[int, SeqResult] = {}
     sample_rows, rows_params = [], []
     for chunk, (first, count) in zip(inputs.chunks, inputs.logit_rows):
         if chunk.prompt_logprob_targets is not None:
-            targets = chunk.prompt_logprob_targets
-            rows = logits[first : first + len(targets)]
-            chosen_lp, top_lp, top_ids = top_logprobs(rows, torch.tensor(targets), chunk.num_prompt_logprobs)
-            results[chunk.seq_id] = SeqResult(
-                prompt_logprobs=_logprob_entries(chosen_lp, top_lp, top_ids, torch.tensor(targets))
-            )
+            try:
+                results[chunk.seq_id] = _prompt_logprobs(logits, first, chunk)
+            except Exception as exc:
+                results[chunk.seq_id] = SeqResult(error=_describe(exc, "prompt logprobs"))
+                continue
         if chunk.sample is not None:
             sample_rows.append(first + count - 1)
             rows_params.append((chunk.seq_id, chunk.sample))
@@ -47,6 +49,39 @@ def sample_step(logits: torch.Tensor, inputs: ModelInputs) -> StepOutput:
         return StepOutput(results)
     raw = logits[torch.tensor(sample_rows)]  # [B, V]
     params = [p for _, p in rows_params]
+    try:
+        picked = _sample_rows(raw, params)
+    except Exception:  # one row's parameters broke the batch: find it, row by row
+        picked = []
+        for i, p in enumerate(params):
+            try:
+                picked += _sample_rows(raw[i : i + 1], [p])
+            except Exception as exc:
+                picked.append(_describe(exc, "sampling"))
+    for (seq_id, p), outcome in zip(rows_params, picked):
+        result = results.setdefault(seq_id, SeqResult())
+        if isinstance(outcome, str):
+            result.error = outcome
+        else:
+            result.token_id, result.logprobs = outcome
+    return StepOutput(results)
+
+
+def _describe(exc: Exception, stage: str) -> str:
+    return f"{stage} failed: {type(exc).__name__}: {exc}"
+
+
+def _prompt_logprobs(logits: torch.Tensor, first: int, chunk) -> SeqResult:
+    targets = torch.tensor(chunk.prompt_logprob_targets)
+    rows = logits[first : first + len(targets)]
+    chosen_lp, top_lp, top_ids = top_logprobs(rows, targets, chunk.num_prompt_logprobs)
+    return SeqResult(prompt_logprobs=_logprob_entries(chosen_lp, top_lp, top_ids, targets))
+
+
+def _sample_rows(raw: torch.Tensor, params: list) -> list[tuple[int, TokenLogprobs | None]]:
+    """raw: [B, V] logits of the rows to sample, params: their SamplingRows -> (token, logprobs or
+    None) per row."""
+    vocab = raw.shape[-1]
     penalised = raw
     if any(p.output_token_ids for p in params):
         counts = torch.zeros_like(raw)
@@ -60,17 +95,17 @@ def sample_step(logits: torch.Tensor, inputs: ModelInputs) -> StepOutput:
             torch.tensor([p.frequency_penalty for p in params]),
         )
     temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32)
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params])
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params])
     top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
     generators = [_generator(p.seed, p.step) if p.temperature > 0 else None for p in params]
     tokens = sample(penalised, temperature, top_k, top_p, generators)  # [B]
     want = max((p.num_logprobs for p in params if p.num_logprobs is not None), default=None)
     entries = _logprob_entries(*top_logprobs(raw, tokens, want), tokens) if want is not None else None
-    for i, (seq_id, p) in enumerate(rows_params):
-        result = results.setdefault(seq_id, SeqResult())
-        result.token_id = int(tokens[i])
+    picked = []
+    for i, p in enumerate(params):
+        logprobs = None
         if p.num_logprobs is not None:
-            entry = entries[i]
-            entry.top = entry.top[: p.num_logprobs]
-            result.logprobs = entry
-    return StepOutput(results)
+            logprobs = entries[i]
+            logprobs.top = logprobs.top[: p.num_logprobs]
+        picked.append((int(tokens[i]), logprobs))
+    return picked

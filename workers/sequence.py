@@ -38,6 +38,7 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    error: str | None = None  # why this sequence's own processing failed (finish_reason "error")
     output_logprobs: list = field(default_factory=list)
     prompt_logprobs: list = field(default_factory=list)
     detokenizer: object = None

@@ -51,6 +51,7 @@ class SeqResult:
     token_id: int | None = None
     logprobs: TokenLogprobs | None = None
     prompt_logprobs: list[TokenLogprobs] | None = None
+    error: str | None = None  # this sequence's own sampling failed (the step and other rows went on)
 
 
 @dataclass(slots=True)
