@@ -206,4 +206,5 @@ class ServeSettings(BaseModel):
             max_model_len=self.max_model_len, api_key=self.api_key, max_body_bytes=self.max_body_bytes,
             request_log=self.request_log, prompt_text=self.prefix_routing and self.prefix_router == "ray",
             http_address=(self.host, self.port) if self.direct_http else None,
+            max_in_flight=self.max_ongoing_requests + self.max_queued_requests if self.direct_http else None,
         )

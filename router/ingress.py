@@ -48,6 +48,7 @@ class IngressOptions:
     request_log: str | None = None
     prompt_text: bool = False  # the LLM-server's router reads the prompt's text (Ray's prefix-tree router)
     http_address: tuple[str, int] | None = None  # direct shape: (host, port) this replica serves HTTP on itself
+    max_in_flight: int | None = None  # requests at once before 503 where no Serve queue caps them (direct HTTP)
 
 
 api = FastAPI(title="mixserve", docs_url=None, redoc_url=None)
@@ -101,7 +102,7 @@ class OpenAIIngress(GrpcGenerateMixin):
                                    options.block_size, options.prompt_text)
         self.metrics = ServingMetrics(options.served_model_name)
         self.pipeline = RequestPipeline(self.model, self.llm.open_stream, self.metrics, RequestLog(options.request_log),
-                                        options.api_key)
+                                        options.api_key, options.max_in_flight)
         if self.local is not None and options.http_address is not None:
             serve_http_in_thread(*options.http_address)
 
@@ -123,17 +124,23 @@ class OpenAIIngress(GrpcGenerateMixin):
         self.pipeline.authorize(request.headers.get("authorization", ""))
 
     async def _json_body(self, request: Request) -> dict:
+        """The body as a JSON object; its size is counted while it is read (a chunked body has no
+        Content-Length), so no more than the limit is ever held."""
         limit = self.opts.max_body_bytes
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
-        raw = await request.body()
-        if len(raw) > limit:
-            raise ApiError(413, f"request body of {len(raw)} bytes exceeds the limit of {limit} bytes")
+        raw = bytearray()
+        async for part in request.stream():
+            raw += part
+            if len(raw) > limit:
+                raise ApiError(413, f"request body exceeds the limit of {limit} bytes")
         try:
             body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, an integer of over 4300 digits
             raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ApiError(400, "request body is not valid JSON: nested too deeply") from None
         if not isinstance(body, dict):
             raise ApiError(400, "request body must be a JSON object")
         return body

@@ -3,6 +3,8 @@ replica) and serves HTTP on the port itself (no Ray hop per token; no Serve prox
 API as the separate ingress: greedy text, streaming, chat, metrics, cancellation and the engine
 calls Serve and the CLI make."""
 
+import asyncio
+
 import httpx
 import openai
 import pytest
@@ -19,7 +21,8 @@ from .serve_helpers import start, stop, wait_until_idle
 
 @pytest.fixture(scope="module")
 def direct(tiny_checkpoint):
-    url, settings = start(tiny_checkpoint, ingress="direct", direct_http=True, replica_cpus=1.0)
+    url, settings = start(tiny_checkpoint, ingress="direct", direct_http=True, replica_cpus=1.0,
+                          max_ongoing_requests=4, max_queued_requests=4)
     yield url, openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
     stop()
 
@@ -70,3 +73,21 @@ def test_a_closed_stream_frees_its_blocks_in_the_engine(direct):
     assert len(gauges) == 2 and all(float(line.split()[-1]) == 0.0 for line in gauges), gauges
     report = serve.get_deployment_handle("LLMServer", "mixserve").kernel_report.remote().result(timeout_s=60)
     assert report["linear_kernels"]
+
+
+def test_direct_http_caps_requests_in_flight_with_503_and_retry_after(direct):
+    url, _ = direct
+    body = {"prompt": "hold the line " * 4, "max_tokens": 64, "ignore_eos": True}
+
+    async def flood():
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=40)) as client:
+            return await asyncio.gather(*(client.post(url + "/v1/completions", json=body) for _ in range(40)))
+
+    responses = asyncio.run(flood())
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) == {200, 503} and statuses.count(200) >= 8, statuses
+    for r in responses:
+        if r.status_code == 503:
+            assert r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "server_overloaded"
+    assert wait_until_idle().idle
+    assert httpx.post(url + "/v1/completions", json={"prompt": "after", "max_tokens": 2}, timeout=60).status_code == 200

@@ -120,6 +120,15 @@ def test_stop_string_ends_the_completion(client):
         ("out-of-vocabulary id", "/v1/completions", {"prompt": [1, 32000]}, None, 400),
         ("empty prompt", "/v1/completions", {"prompt": ""}, None, 400),
         ("2 MB body", "/v1/completions", {"prompt": "x" * (2 << 20)}, None, 413),
+        ("top_k beyond int64", "/v1/completions",
+         {"prompt": "Hello", "max_tokens": 5, "top_k": 9223372036854775808, "temperature": 0.7}, None, 400),
+        ("seed beyond int64", "/v1/completions", {"prompt": "hi", "seed": 2**64}, None, 400),
+        ("NaN temperature", "/v1/completions", None, b'{"prompt": "hi", "temperature": NaN}', 400),
+        ("5000-digit integer", "/v1/completions", None, b'{"prompt": "hi", "n": ' + b"9" * 5000 + b"}", 400),
+        ("JSON nested 100000 deep", "/v1/completions", None, b"[" * 100000 + b"]" * 100000, 400),
+        ("negative stop id", "/v1/chat/completions",
+         {"messages": [{"role": "user", "content": "hi"}], "stop_token_ids": [-1]}, None, 400),
+        ("17 stop strings", "/v1/completions", {"prompt": "hi", "stop": [str(i) for i in range(17)]}, None, 400),
     ],
 )
 def test_bad_input_gets_a_4xx_openai_error_and_the_server_keeps_serving(server, name, path, body, raw, status):
@@ -132,6 +141,21 @@ def test_bad_input_gets_a_4xx_openai_error_and_the_server_keeps_serving(server, 
     assert r.status_code == status, (name, r.status_code, r.text)
     error = r.json()["error"]
     assert error["message"] and error["type"]
+    _good_request_succeeds(url)
+
+
+def test_a_chunked_body_over_the_limit_is_413(server):
+    url = server[0]
+
+    def chunks():  # no Content-Length: the size is only known while reading
+        yield b'{"prompt": "'
+        for _ in range(64):
+            yield b"x" * (64 << 10)
+        yield b'"}'
+
+    r = httpx.post(url + "/v1/completions", content=chunks(), timeout=60,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 413 and "exceeds the limit" in r.json()["error"]["message"]
     _good_request_succeeds(url)
 
 
