@@ -9,7 +9,8 @@ from ray.serve.config import RequestRouterConfig
 
 from ..router.ingress import OpenAIIngress
 from ..router.llm_server import LLMServer
-from .settings import ServeSettings, api_key_from_environment
+from .serve_config import INGRESS_DEPLOYMENT, LLM_DEPLOYMENT
+from .settings import KEY_FIELDS, ServeSettings, keys_from_environment
 
 PREFIX_ROUTER = "mixserve.router.prefix_router:PrefixAwareRouter"
 # Ray Serve LLM's own prefix router. Its public name, ray.serve.llm.request_router.PrefixCacheAffinityRouter,
@@ -55,7 +56,7 @@ def _model_name(model: str) -> str:
 
 def _llm_deployment_options(s: ServeSettings) -> dict:
     options: dict = dict(
-        name="LLMServer",
+        name=LLM_DEPLOYMENT,
         max_ongoing_requests=s.max_ongoing_requests,
         max_queued_requests=s.max_queued_requests,
         ray_actor_options={"num_cpus": s.replica_cpus},
@@ -99,7 +100,7 @@ def build_app(settings: ServeSettings) -> serve.Application:
         settings.engine_config(model), threads, stream_interval=settings.stream_interval
     )
     ingress = serve.deployment(OpenAIIngress).options(
-        name="OpenAIIngress", num_replicas=settings.ingress_replicas, max_ongoing_requests=1024,
+        name=INGRESS_DEPLOYMENT, num_replicas=settings.ingress_replicas, max_ongoing_requests=1024,
         ray_actor_options={"num_cpus": settings.ingress_cpus},
         graceful_shutdown_timeout_s=settings.graceful_shutdown_timeout_s,
     )
@@ -108,8 +109,11 @@ def build_app(settings: ServeSettings) -> serve.Application:
 
 def app_builder(args: dict) -> serve.Application:
     """Serve config entry point: `import_path: mixserve.cluster.app:app_builder`, `args:` = settings.
-    The API key may come from the environment (`MIXSERVE_API_KEY`, e.g. a Kubernetes Secret) so that
-    it never has to be written into a Serve config."""
+    The keys come from the environment of the Ray nodes only ($MIXSERVE_API_KEY, $MIXSERVE_ADMIN_KEY,
+    e.g. Kubernetes Secrets): `serve config`, `serve status` and the dashboard show a config's args, so
+    a key written there is refused (without echoing it)."""
     args = dict(args or {})
-    args["api_key"] = args.get("api_key") or api_key_from_environment()
-    return build_app(ServeSettings.model_validate(args))
+    if written := sorted(KEY_FIELDS.keys() & args.keys()):
+        raise ValueError(f"{' and '.join(written)} must not be written into a Serve config (Ray shows its args); "
+                         f"set {' and '.join(KEY_FIELDS[k] for k in written)} on the Ray nodes instead")
+    return build_app(ServeSettings.model_validate({**args, **keys_from_environment()}))

@@ -69,15 +69,24 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _add_serve_parser(subparsers) -> None:
-    from mixserve.cluster.settings import ServeSettings
+    from mixserve.cluster.settings import KEY_FIELDS, ServeSettings
 
     p = subparsers.add_parser(
         "serve",
         help="serve the OpenAI-compatible API on Ray Serve",
-        description="Join the running Ray cluster (or start a local one), deploy, and serve until SIGINT/SIGTERM.",
+        description="Join the running Ray cluster (or start a local one), deploy, and serve until SIGINT/SIGTERM, "
+                    "which drain first: new requests get 503 while those in flight finish (at most "
+                    "--graceful-shutdown-timeout-s; a second signal stops waiting).",
     )
+    for name, env in KEY_FIELDS.items():  # secrets: never a flag's value (`ps`, Ray's job table show those)
+        flag = "--" + name.replace("_", "-")
+        p.add_argument(flag + "-file", dest=name + "_file", default=None, metavar="PATH",
+                       help=f"read the {name.replace('_', ' ').replace('api', 'API')} from this file (default: ${env})")
+        p.add_argument(flag, dest=name + "_on_command_line", default=None, help=argparse.SUPPRESS)
     fields = ServeSettings.model_fields
     for name, field in fields.items():
+        if name in KEY_FIELDS:
+            continue
         flag = "--" + name.replace("_", "-")
         kind = field.annotation
         if kind is bool:
@@ -97,16 +106,60 @@ def _arg_type(annotation):
 
 def _run_serve(args: argparse.Namespace) -> int:
     from mixserve.cluster.serve_command import run_serve
-    from mixserve.cluster.settings import ServeSettings, api_key_from_environment
+    from mixserve.cluster.settings import KEY_FIELDS, ServeSettings, keys_from_environment, read_key_file
 
+    for name, env in KEY_FIELDS.items():
+        if getattr(args, name + "_on_command_line") is not None:
+            flag = "--" + name.replace("_", "-")
+            print(f"mixserve serve: {flag} is refused (a command line shows in `ps` and in Ray's job table); "
+                  f"set ${env} or pass {flag}-file PATH", file=sys.stderr)
+            return 2
     given = {k: v for k, v in vars(args).items() if k in ServeSettings.model_fields and v is not None}
-    given.setdefault("api_key", api_key_from_environment())
     try:
+        given.update(keys_from_environment())  # a key file, when given, wins over the variable
+        given.update({name: read_key_file(getattr(args, name + "_file")) for name in KEY_FIELDS
+                      if getattr(args, name + "_file") is not None})
         settings = ServeSettings(**given)
-    except ValueError as exc:
+    except ValueError as exc:  # pydantic's errors never echo the inputs (hide_input_in_errors)
         print(f"mixserve serve: {exc}", file=sys.stderr)
         return 2
     return run_serve(settings)
+
+
+def _add_drain_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "drain",
+        help="drain the running mixserve app (a Kubernetes preStop hook): new requests get 503, those in flight "
+             "finish",
+        description="Join the Ray cluster and drain the mixserve app: every ingress replica refuses new requests "
+                    "(503 + Retry-After, /health too) while those in flight run to their end; returns when none is "
+                    "left or after --timeout-s. With --this-node: drain only the Ray node this runs on (Ray moves "
+                    "its replicas elsewhere, each finishing its requests first) and wait until none is left on it. "
+                    "Serve keeps running either way.",
+    )
+    p.add_argument("--address", default="auto", help="the Ray cluster to join (default: auto, the local node's)")
+    p.add_argument("--timeout-s", type=float, default=120.0, help="wait at most this long (default: 120)")
+    p.add_argument("--this-node", action="store_true", help="drain this Ray node only (a worker pod that leaves)")
+    p.set_defaults(handler=_run_drain)
+
+
+def _run_drain(args: argparse.Namespace) -> int:
+    import ray
+
+    from mixserve.cluster.drain import drain_app, drain_node
+    from mixserve.cluster.ray_start import init_ray
+
+    init_ray(args.address, log_to_driver=False)
+    try:
+        if args.this_node:
+            drain_node(ray.get_runtime_context().get_node_id(), args.timeout_s)
+        else:
+            report = drain_app(args.timeout_s)
+            print(f"drain: {'drained' if report.complete else f'{report.left} still in flight'} after "
+                  f"{report.seconds:.1f} s")
+    finally:
+        ray.shutdown()  # disconnects; the cluster and Serve keep running
+    return 0
 
 
 def _add_config_parser(subparsers) -> None:
@@ -143,7 +196,8 @@ def _run_config(args: argparse.Namespace) -> int:
     return 0
 
 
-_SUBCOMMANDS = [_add_checkpoint_parser, _add_serve_parser, add_bench_parser, _add_demo_parser, _add_config_parser]
+_SUBCOMMANDS = [_add_checkpoint_parser, _add_serve_parser, add_bench_parser, _add_demo_parser, _add_config_parser,
+                _add_drain_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

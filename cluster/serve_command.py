@@ -1,12 +1,19 @@
-"""`mixserve serve`: join (or start) a Ray cluster, deploy the app, serve until SIGINT/SIGTERM."""
+"""`mixserve serve`: join (or start) a Ray cluster, deploy the app, serve until SIGINT/SIGTERM.
+
+Stop rule: the first SIGINT or SIGTERM drains the app (cluster/drain.py: new requests get 503 while
+every request in flight runs to its end, at most graceful_shutdown_timeout_s); a second one stops
+waiting. Then Serve is shut down (skipped on a local head whose drain was cut: stopping the head ends
+everything at once, where Serve would give the replicas their own grace again) and Ray: a local head
+this command started stops with all its processes; a joined cluster keeps running.
+"""
 
 import math
 import os
 import signal
 import sys
-import threading
 import time
 import urllib.request
+from collections.abc import Callable
 
 import ray
 from ray import serve
@@ -16,20 +23,24 @@ from mixserve.workers.model_source import resolve_model as resolve_source
 from mixserve.workers.ports import free_port
 
 from .app import build_app, resolve_model
+from .drain import drain_app
 from .ray_start import init_ray
+from .serve_config import APP_NAME, LLM_DEPLOYMENT
 from .settings import ServeSettings
 
-APP_NAME = "mixserve"
 GRPC_SERVICER = "mixserve.router.generate_pb2_grpc.add_GenerateServiceServicer_to_server"
 
 
-def start_serve(settings: ServeSettings) -> str:
-    """Deploy and wait until /health answers; returns the base URL."""
+def start_serve(settings: ServeSettings, on_ray_up: Callable[[], None] | None = None) -> str:
+    """Deploy and wait until /health answers; returns the base URL. `on_ray_up()`, if given, runs as
+    soon as Ray is up (ray.init has put its own signal handlers in place)."""
     # Resolved once here (a hub id downloads with a progress bar): a model that cannot be had or cannot
     # fit fails before Ray starts, and the replicas on this node then find it in the hub cache.
     settings = settings.with_absolute_paths()
     settings = report_sizing(settings, resolve_source(resolve_model(settings), show_progress=True))
     init_ray_for(settings)
+    if on_ray_up is not None:
+        on_ray_up()
     needed, at_most = settings.cpus_needed(), settings.cpus_needed(at_most=True)
     have = ray.cluster_resources().get("CPU", 0.0)
     if have < needed:
@@ -105,21 +116,70 @@ def wait_until_healthy(url: str, timeout_s: float = 600.0, check_alive=None) -> 
     raise TimeoutError(f"{url}/health did not answer within {timeout_s:.0f} s")
 
 
+class StopSignals:
+    """SIGINT and SIGTERM, counted: the first asks to stop, the second to stop waiting. The handler
+    only appends to a list (a signal handler that takes a lock can deadlock the thread it interrupts);
+    `wait` polls."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: list[str] = []
+
+    def install(self) -> None:
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.received.append(signal.Signals(signum).name)
+
+    def wait(self, period_s: float = 0.5) -> str:
+        """Block until the first signal; its name."""
+        while not self.received:
+            time.sleep(period_s)
+        return self.received[0]
+
+    def cut_short(self) -> bool:
+        return len(self.received) > 1
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
 def run_serve(settings: ServeSettings) -> int:
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    url = start_serve(settings)
+    signals = StopSignals()
+    signals.install()  # a signal while starting is kept: the app is drained (empty) and stopped once up
+    # again once Ray is up: ray.init puts its own SIGTERM handlers in place (Python's sys.exit, the core
+    # worker's crash handler), which would end the process without a drain
+    url = start_serve(settings, on_ray_up=signals.install)
     try:
         from mixserve.workers.engine import describe_kernels
 
-        report = serve.get_deployment_handle("LLMServer", APP_NAME).kernel_report.remote().result(timeout_s=60)
-        print(f"engine: {describe_kernels(report)}", flush=True)
+        report = serve.get_deployment_handle(LLM_DEPLOYMENT, APP_NAME).kernel_report.remote().result(timeout_s=60)
+        _say(f"engine: {describe_kernels(report)}")
     except Exception as exc:  # the report is informative only; serving goes on
-        print(f"engine: kernel report unavailable ({type(exc).__name__}: {exc})", flush=True)
-    print(f"mixserve is serving on {url} (OpenAI API under /v1; Ctrl-C stops)", flush=True)
-    stop.wait()
-    print("shutting down", flush=True)
-    serve.shutdown()
-    ray.shutdown()
+        _say(f"engine: kernel report unavailable ({type(exc).__name__}: {exc})")
+    _say(f"mixserve is serving on {url} (OpenAI API under /v1; Ctrl-C or SIGTERM drains and stops)")
+    name = signals.wait()
+    _say(f"{name}: draining, then stopping (a second SIGINT/SIGTERM stops waiting)")
+    stop_serving(settings, signals)
     return 0
+
+
+def stop_serving(settings: ServeSettings, signals: StopSignals) -> None:
+    """The stop rule (module docstring), logged."""
+    report = drain_app(settings.graceful_shutdown_timeout_s, APP_NAME, signals.cut_short, _say)
+    if report.complete:
+        _say(f"drained {report.requests} request(s) in {report.seconds:.1f} s")
+    else:
+        why = "a second signal" if signals.cut_short() else f"the {settings.graceful_shutdown_timeout_s:g} s bound"
+        _say(f"stopped waiting after {report.seconds:.1f} s ({why}); {report.left} request(s)/sequence(s) still in "
+             "flight are cut")
+    started = time.monotonic()
+    joined = settings.address is not None
+    if joined or report.complete:
+        serve.shutdown()
+    ray.shutdown()
+    _say(f"stopped in {time.monotonic() - started:.1f} s; "
+         + ("the Ray cluster keeps running" if joined else "the local Ray head is stopped"))

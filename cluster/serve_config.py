@@ -4,7 +4,8 @@ One application whose `import_path` is `mixserve.cluster.app:app_builder` and wh
 settings fields that differ from their defaults (app_builder validates them back into ServeSettings,
 so defaults live in one place). The fields that configure Serve's proxies rather than the
 application, host/port/grpc_port, become `http_options` / `grpc_options`; `address` (which cluster to
-join) has no meaning inside a config that is submitted to a cluster, so it is never written.
+join) has no meaning inside a config that is submitted to a cluster, so it is never written; nor are
+the keys (api_key, admin_key), which the nodes take from their environment (settings.py, keys rule).
 
 The committed files are outputs of this module (see cluster/profiles.py):
     mixserve config --preset NAME --out cluster/serve-config-NAME.yaml
@@ -16,12 +17,14 @@ from pathlib import Path
 
 import yaml
 
-from .settings import ServeSettings
+from .settings import KEY_FIELDS, ServeSettings
 
 APP_NAME = "mixserve"  # the same name `mixserve serve` deploys under
+INGRESS_DEPLOYMENT = "OpenAIIngress"  # the app's deployments (cluster/app.py); in the direct shape the LLM
+LLM_DEPLOYMENT = "LLMServer"  # server is its own ingress and the only one
 IMPORT_PATH = "mixserve.cluster.app:app_builder"
 PROXY_FIELDS = {"host", "port", "grpc_port"}
-NOT_IN_CONFIG = {"address"}
+NOT_IN_CONFIG = {"address", *KEY_FIELDS}  # keys: from the nodes' environment only (settings.py)
 _BLOCK_START = re.compile(r"^(?P<indent>[ ]*)serveConfigV2:[ ]*\|[-+]?[ ]*$")
 
 

@@ -5,17 +5,25 @@ arguments (`import_path: mixserve.cluster.app:app_builder`, `args:` in a Serve c
 deployment manifests. Values flow down from here explicitly, as typed objects (`engine_config`:
 workers' EngineConfig, `ingress_options`: the ingress's IngressOptions); engine defaults come from
 EngineConfig itself. Nothing below reads the environment.
+
+Keys rule: the API key and the admin key are secrets. They come from the environment
+($MIXSERVE_API_KEY, $MIXSERVE_ADMIN_KEY, e.g. Kubernetes Secrets) or a file (--api-key-file,
+--admin-key-file), never from a command line (Ray records the driver's command line as its job's
+entrypoint; `ps` shows it) nor a Serve config (`serve config` and the dashboard show it). Here they
+are SecretStr (a repr shows stars), and a validation error never echoes the inputs.
 """
 
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from mixserve.workers.calibration import check_calibration_source
 from mixserve.workers.engine_config import EngineConfig
 
 API_KEY_ENV = "MIXSERVE_API_KEY"
+ADMIN_KEY_ENV = "MIXSERVE_ADMIN_KEY"
+KEY_FIELDS = {"api_key": API_KEY_ENV, "admin_key": ADMIN_KEY_ENV}  # settings field -> its environment variable
 _ENGINE = EngineConfig(model="")  # the engine's defaults, which the settings below reuse
 
 
@@ -25,8 +33,30 @@ def api_key_from_environment() -> str | None:
     return os.environ.get(API_KEY_ENV) or None
 
 
+def keys_from_environment() -> dict[str, str]:
+    """The keys set in the environment, by settings field (api_key, admin_key)."""
+    return {field: os.environ[env] for field, env in KEY_FIELDS.items() if os.environ.get(env)}
+
+
+def read_key_file(path: str) -> str:
+    """A key file's content, stripped of surrounding whitespace. ValueError (naming the file, never
+    its content) when it cannot be read, is empty, or holds more than one line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            key = f.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the key file {path}: {type(exc).__name__}") from None
+    if not key or "\n" in key:
+        raise ValueError(f"the key file {path} must hold one line: the key")
+    return key
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value is not None else None
+
+
 class ServeSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     # model
     model: str | None = Field(None, description="checkpoint folder; None = the embedded demo model")
@@ -106,7 +136,12 @@ class ServeSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     grpc_port: int | None = Field(None, ge=1, le=65535)
-    api_key: str | None = None
+    api_key: SecretStr | None = Field(
+        None, min_length=1, description="clients send it as Authorization: Bearer <key>; from $MIXSERVE_API_KEY or "
+        "a file, never a flag or a Serve config arg")
+    admin_key: SecretStr | None = Field(
+        None, min_length=1, description="POST /v1/re_isq needs it (and is refused with 403 without one); the API key "
+        "never grants it. From $MIXSERVE_ADMIN_KEY or a file, never a flag or a Serve config arg")
     max_body_bytes: int = Field(1 << 20, ge=1024)
     request_log: str | None = None
     # cluster
@@ -203,7 +238,8 @@ class ServeSettings(BaseModel):
 
         return IngressOptions(
             model=model_path, served_model_name=served_model_name, block_size=self.block_size,
-            max_model_len=self.max_model_len, api_key=self.api_key, max_body_bytes=self.max_body_bytes,
+            max_model_len=self.max_model_len, api_key=_secret(self.api_key), admin_key=_secret(self.admin_key),
+            max_body_bytes=self.max_body_bytes,
             request_log=self.request_log, prompt_text=self.prefix_routing and self.prefix_router == "ray",
             http_address=(self.host, self.port) if self.direct_http else None,
             max_in_flight=self.max_ongoing_requests + self.max_queued_requests if self.direct_http else None,

@@ -12,7 +12,7 @@ import json
 import logging
 import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -43,7 +43,8 @@ class IngressOptions:
     served_model_name: str
     block_size: int = 16
     max_model_len: int | None = None
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    admin_key: str | None = field(default=None, repr=False)  # POST /v1/re_isq needs it; 403 without one
     max_body_bytes: int = 1 << 20
     request_log: str | None = None
     prompt_text: bool = False  # the LLM-server's router reads the prompt's text (Ray's prefix-tree router)
@@ -91,6 +92,8 @@ class OpenAIIngress(GrpcGenerateMixin):
     engine runs in this replica, which then also answers Serve's health checks and the LLM-server
     calls (stats, kernel_report) for it."""
 
+    draining = False  # set by drain(): new requests are refused (503) while those in flight run to their end
+
     def __init__(self, llm_server, options: IngressOptions, engine: tuple | None = None):
         self.local = LLMServer(engine[0], engine[1], stream_interval=engine[2]) if engine else None
         self.llm = LocalLLM(self.local) if self.local else RemoteLLM(llm_server)
@@ -102,7 +105,7 @@ class OpenAIIngress(GrpcGenerateMixin):
                                    options.block_size, options.prompt_text)
         self.metrics = ServingMetrics(options.served_model_name)
         self.pipeline = RequestPipeline(self.model, self.llm.open_stream, self.metrics, RequestLog(options.request_log),
-                                        options.api_key, options.max_in_flight)
+                                        options.api_key, options.max_in_flight, admin_key=options.admin_key)
         if self.local is not None and options.http_address is not None:
             serve_http_in_thread(*options.http_address)
 
@@ -117,6 +120,23 @@ class OpenAIIngress(GrpcGenerateMixin):
 
     def kernel_report(self) -> dict:
         return self.local.kernel_report()
+
+    # ---- drain before Serve stops (cluster/drain.py) ------------------------------------------
+
+    def drain(self) -> int:
+        """From now on answer new requests (HTTP, gRPC, /health) with 503 + Retry-After while the ones in
+        flight run to their end; returns how many this replica has in flight. Idempotent; no way back."""
+        self.draining = True
+        return self.pipeline.in_flight
+
+    def _refuse_while_draining(self) -> None:
+        if self.draining:
+            raise ApiError(503, "the server is shutting down and takes no new requests; retry shortly",
+                           "server_error", "shutting_down")
+
+    def _grpc_request(self, request, grpc_context):
+        self._refuse_while_draining()
+        return super()._grpc_request(request, grpc_context)
 
     # ---- HTTP plumbing ----------------------------------------------------------------------
 
@@ -148,6 +168,7 @@ class OpenAIIngress(GrpcGenerateMixin):
     async def _respond(self, request: Request, endpoint: str, handler) -> Response:
         record = RequestRecord(endpoint=endpoint)
         try:
+            self._refuse_while_draining()
             self._check_auth(request)
             response = await handler(request, record)
         except ApiError as exc:
@@ -207,6 +228,7 @@ class OpenAIIngress(GrpcGenerateMixin):
 
     @api.get("/health")
     async def health(self):
+        self._refuse_while_draining()  # a load balancer's probe takes this replica out of rotation
         return {"status": "ok"}
 
     @api.get("/metrics")
@@ -227,8 +249,9 @@ class OpenAIIngress(GrpcGenerateMixin):
         """Re-quantize the weights of the replica the router picks (each replica keeps its own format)
         from its checkpoint: 409 while it has requests in flight. {"quantization": "none"|"int8"|"int4",
         "group_size": 32|64|128|256, "calibration": "none"|"builtin"} -> the replica, its new format and
-        weight bytes."""
-        self._check_auth(request)
+        weight bytes. Needs the admin key (401 without it; 403 when the server has none): the API key
+        never grants it."""
+        self.pipeline.authorize(request.headers.get("authorization", ""), admin=True)
         body = self.pipeline.parse(ReIsqRequest, await self._json_body(request))
         try:
             result = await self.llm.re_isq(body.quantization, body.group_size, body.calibration)

@@ -73,7 +73,7 @@ class RequestPipeline:
     `async for` and `cancel()`: a Serve streaming response in the ingress)."""
 
     def __init__(self, model: PipelineModel, open_stream: Callable, metrics: ServingMetrics, request_log: RequestLog,
-                 api_key: str | None = None, max_in_flight: int | None = None):
+                 api_key: str | None = None, max_in_flight: int | None = None, admin_key: str | None = None):
         """`max_in_flight`: requests this pipeline streams at once, beyond which it answers 503 +
         Retry-After itself (for a shape where no Serve handle queue caps them: direct HTTP)."""
         self.model = model
@@ -81,19 +81,26 @@ class RequestPipeline:
         self.metrics = metrics
         self.request_log = request_log
         self.api_key = api_key
+        self.admin_key = admin_key
         self.max_in_flight = max_in_flight
         self.in_flight = 0
 
     # ---- authorize, parse, tokenize, validate ------------------------------------------------
 
-    def authorize(self, authorization: str, how: str = "send Authorization: Bearer <key>") -> None:
-        """An `Authorization` value must carry the API key (any value, when none is set); compared in
-        constant time."""
-        if not self.api_key:
+    def authorize(self, authorization: str, how: str = "send Authorization: Bearer <key>", admin: bool = False) -> None:
+        """An `Authorization` value must carry the API key (any value, when none is set), or with `admin`
+        the admin key (refused with 403 when the server has none: the admin endpoints are off; the API key
+        never grants them); compared in constant time."""
+        key, what = (self.admin_key, "admin key") if admin else (self.api_key, "API key")
+        if not key:
+            if admin:
+                raise ApiError(403, "this endpoint needs the admin key and the server was started without one",
+                               "permission_error", "admin_key_not_configured")
             return
         given = authorization[7:] if authorization.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
-            raise ApiError(401, f"invalid or missing API key ({how})", "authentication_error", "invalid_api_key")
+        if not hmac.compare_digest(given.encode(), key.encode()):
+            raise ApiError(401, f"invalid or missing {what} ({how})", "authentication_error",
+                           f"invalid_{what.lower().replace(' ', '_')}")
 
     def parse(self, model_cls: type[BaseModel], body: dict):
         try:

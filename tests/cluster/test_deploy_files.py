@@ -10,6 +10,9 @@ Validators (each raises on an invalid document):
 - KubeRay manifest: the v1.7.0 CRD's openAPIV3Schema with Draft 7, closed the way the API server's
   strict field validation closes it (an unknown field is an error; plain jsonschema would accept a
   misspelled field), plus its serveConfigV2 as a Serve config.
+- mixserve's own rules for its pods: each drains before it stops (a preStop `mixserve drain` bounded
+  by at least the app's graceful_shutdown_timeout_s, a termination grace period above that bound),
+  and the keys come from Secrets, never from a value in the manifest or its Serve config.
 The CRD schemas come from ../shared/schemas (beside the repo in CI); without them those tests skip.
 """
 
@@ -96,6 +99,48 @@ def validate_kuberay(doc: dict) -> None:
         validate_serve_config(yaml.safe_load(doc["spec"]["serveConfigV2"]))
 
 
+KEYS = {"MIXSERVE_API_KEY": ("mixserve-api-key", "api-key"), "MIXSERVE_ADMIN_KEY": ("mixserve-admin-key", "admin-key")}
+
+
+def validate_drain_on_stop(doc: dict) -> None:
+    """The head's preStop drains the app (`mixserve drain`: its pod stops only with the whole
+    cluster), a worker's its node (`--this-node`: the cluster goes on); each waits at least the
+    app's graceful_shutdown_timeout_s, and the pod's terminationGracePeriodSeconds (which the hook's
+    time counts against) is above the hook's bound."""
+    if doc["kind"] == "RayService":
+        drain_s = settings_from_config(yaml.safe_load(doc["spec"]["serveConfigV2"])).graceful_shutdown_timeout_s
+    else:
+        drain_s = ServeSettings().graceful_shutdown_timeout_s
+    for group, pod, container in _ray_containers(_cluster_spec(doc)):
+        command = (((container.get("lifecycle") or {}).get("preStop") or {}).get("exec") or {}).get("command") or []
+        if command[:2] != ["mixserve", "drain"] or "--timeout-s" not in command[:-1]:
+            raise ValueError(f"{group}: the preStop hook must run `mixserve drain --timeout-s S`, not {command}")
+        if ("--this-node" in command) != (group != "head"):
+            raise ValueError(f"{group}: a worker drains its node (--this-node), the head the whole app")
+        bound = float(command[command.index("--timeout-s") + 1])
+        if bound < drain_s:
+            raise ValueError(f"{group}: the drain waits {bound:g} s, less than the app's {drain_s:g} s grace")
+        if not pod.get("terminationGracePeriodSeconds", 30) > bound:  # Kubernetes' default: 30 s
+            raise ValueError(f"{group}: terminationGracePeriodSeconds must be above the drain's {bound:g} s")
+
+
+def validate_keys_from_secrets(doc: dict) -> None:
+    """Every Ray container takes the API key (required or optional) and the admin key (optional)
+    from their Secrets; no key is written as a value, nor into the serveConfigV2 args."""
+    for group, _, container in _ray_containers(_cluster_spec(doc)):
+        env = {e["name"]: e for e in container.get("env", [])}
+        for name, (secret, key) in KEYS.items():
+            ref = ((env.get(name) or {}).get("valueFrom") or {}).get("secretKeyRef") or {}
+            if "value" in env.get(name, {}) or (ref.get("name"), ref.get("key")) != (secret, key):
+                raise ValueError(f"{group}: {name} must come from the Secret {secret} (key {key})")
+            if name == "MIXSERVE_ADMIN_KEY" and ref.get("optional") is not True:
+                raise ValueError(f"{group}: the admin key's Secret must be optional (no Secret: re_isq is off)")
+    if doc["kind"] == "RayService":
+        for app in yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"]:
+            if {"api_key", "admin_key"} & (app.get("args") or {}).keys():
+                raise ValueError("a key is written into serveConfigV2")
+
+
 def _load(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
@@ -146,6 +191,13 @@ def test_kuberay_manifest_passes_the_crd_schema_and_its_serve_config_the_serve_s
     assert docs
     for doc in docs:
         validate_kuberay(doc)
+
+
+@pytest.mark.parametrize("path", [p for p in MANIFESTS if "ray.io/v1" in p.read_text()], ids=lambda p: p.name)
+def test_kuberay_pods_drain_before_they_stop_and_take_the_keys_from_secrets(path):
+    for doc in _kuberay_docs(path):
+        validate_drain_on_stop(doc)
+        validate_keys_from_secrets(doc)
 
 
 @needs_crds
@@ -221,6 +273,44 @@ SERVE_CONFIG_V2_BREAKAGES = {
     "serveConfigV2 with a misspelled setting": lambda d: _set_serve_config(
         d, lambda c: c["applications"][0]["args"].update(tensor_paralel_size=2)),
 }
+
+
+def _worker_pod(d):
+    return _ray_containers(_cluster_spec(d))[-1]
+
+
+POD_BREAKAGES = {
+    "no preStop hook": lambda d: _worker_pod(d)[2].pop("lifecycle"),
+    "a preStop that sleeps": lambda d: _worker_pod(d)[2]["lifecycle"]["preStop"].update(
+        exec={"command": ["sleep", "120"]}),
+    "a worker that drains the whole app": lambda d: _worker_pod(d)[2]["lifecycle"]["preStop"]["exec"].update(
+        command=["mixserve", "drain", "--timeout-s", "300"]),
+    "a drain shorter than the app's grace": lambda d: _worker_pod(d)[2]["lifecycle"]["preStop"]["exec"].update(
+        command=["mixserve", "drain", "--this-node", "--timeout-s", "5"]),
+    "the grace period below the drain": lambda d: _worker_pod(d)[1].update(terminationGracePeriodSeconds=60),
+    "no grace period (30 s)": lambda d: _worker_pod(d)[1].pop("terminationGracePeriodSeconds"),
+    "the API key as a value": lambda d: _worker_pod(d)[2]["env"].__setitem__(
+        0, {"name": "MIXSERVE_API_KEY", "value": "sk-in-the-manifest"}),
+    "no admin key Secret": lambda d: _worker_pod(d)[2].update(
+        env=[e for e in _worker_pod(d)[2]["env"] if e["name"] != "MIXSERVE_ADMIN_KEY"]),
+}
+
+
+@pytest.mark.parametrize("what", POD_BREAKAGES)
+@pytest.mark.parametrize("path", [p for p in MANIFESTS if "ray.io/v1" in p.read_text()], ids=lambda p: p.name)
+def test_broken_pod_rules_fail_validation(path, what):
+    (doc,) = _kuberay_docs(path)
+    POD_BREAKAGES[what](doc)
+    with pytest.raises(ValueError):
+        validate_drain_on_stop(doc)
+        validate_keys_from_secrets(doc)
+
+
+def test_a_key_in_serve_config_v2_fails_validation():
+    (doc,) = _kuberay_docs(REPO / "manifests" / "rayservice-tiny-cpu.yaml")
+    _set_serve_config(doc, lambda c: c["applications"][0]["args"].update(api_key="sk-in-the-config"))
+    with pytest.raises(ValueError, match="key"):
+        validate_keys_from_secrets(doc)
 
 
 _KUBERAY_CASES = [(p, what) for p in MANIFESTS if "ray.io/v1" in p.read_text()
@@ -333,7 +423,7 @@ def test_gpu_worker_types_fit_a_replica():
 
 
 @pytest.mark.parametrize("path", RAYSERVICES, ids=lambda p: p.name)
-def test_rayservice_probes_pods_and_secrets(path):
+def test_rayservice_probes_and_pods(path):
     (doc,) = _kuberay_docs(path)
     config = yaml.safe_load(doc["spec"]["serveConfigV2"])
     serve_port = config["http_options"]["port"]
@@ -341,8 +431,6 @@ def test_rayservice_probes_pods_and_secrets(path):
         assert {"name": "serve", "containerPort": serve_port} in container["ports"]
         assert any(m["mountPath"] == "/dev/shm" for m in container["volumeMounts"])
         assert any(v["name"] == "dshm" and v["emptyDir"]["medium"] == "Memory" for v in pod["volumes"])
-        env = {e["name"]: e for e in container.get("env", [])}
-        assert env["MIXSERVE_API_KEY"]["valueFrom"]["secretKeyRef"]["key"] == "api-key"
         if group == "head":
             # KubeRay deploys serveConfigV2 only after the head is Ready: a /health probe would deadlock.
             assert "readinessProbe" not in container and "livenessProbe" not in container

@@ -62,10 +62,10 @@ def test_invalid_settings_are_rejected(bad):
 
 def test_cli_serve_flags_are_generated_from_the_settings_model():
     args = build_parser().parse_args(["serve", "--tensor-parallel-size", "2", "--replicas", "3",
-                                      "--no-prefix-routing", "--api-key", "k", "--rank-cpus", "0.5"])
+                                      "--no-prefix-routing", "--rank-cpus", "0.5"])
     given = {k: v for k, v in vars(args).items() if k in ServeSettings.model_fields and v is not None}
     s = ServeSettings(**given)
-    assert (s.tensor_parallel_size, s.replicas, s.prefix_routing, s.api_key, s.rank_cpus) == (2, 3, False, "k", 0.5)
+    assert (s.tensor_parallel_size, s.replicas, s.prefix_routing, s.rank_cpus) == (2, 3, False, 0.5)
     assert s.host == "127.0.0.1"  # loopback unless told otherwise
     args = build_parser().parse_args(["serve", "--quantization", "int8", "--quantization-calibration", "builtin"])
     weights = ServeSettings(quantization=args.quantization,
@@ -73,17 +73,21 @@ def test_cli_serve_flags_are_generated_from_the_settings_model():
     assert (weights.quantization, weights.calibration) == ("int8", "builtin")
 
 
-def test_serve_config_entry_point_takes_the_api_key_from_the_environment(monkeypatch):
+def test_serve_config_entry_point_takes_the_keys_from_the_environment_and_refuses_them_in_args(monkeypatch):
     import mixserve.cluster.app as app_module
 
     seen = {}
     monkeypatch.setattr(app_module, "build_app", lambda settings: seen.setdefault("settings", settings))
     monkeypatch.setenv("MIXSERVE_API_KEY", "from-secret")
+    monkeypatch.setenv("MIXSERVE_ADMIN_KEY", "admin-secret")
     app_module.app_builder({"replicas": 2})
-    assert seen["settings"].api_key == "from-secret" and seen["settings"].replicas == 2
-    seen.clear()
-    app_module.app_builder({"api_key": "explicit"})
-    assert seen["settings"].api_key == "explicit"
+    settings = seen["settings"]
+    assert settings.api_key.get_secret_value() == "from-secret" and settings.replicas == 2
+    assert settings.admin_key.get_secret_value() == "admin-secret"
+    for field in ("api_key", "admin_key"):
+        with pytest.raises(ValueError, match="must not be written into a Serve config") as refused:
+            app_module.app_builder({field: "written-in-config"})
+        assert "written-in-config" not in str(refused.value)
 
 
 def test_engine_defaults_live_in_one_place_and_flow_as_typed_objects():
@@ -96,7 +100,8 @@ def test_engine_defaults_live_in_one_place_and_flow_as_typed_objects():
     built = s.engine_config("/models/x")
     for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_bytes", "enable_prefix_caching"):
         assert getattr(s, name) == getattr(engine, name) == getattr(built, name), name
-    options = ServeSettings(api_key="k", max_model_len=99).ingress_options("/models/x", "x")
-    assert isinstance(options, IngressOptions) and (options.api_key, options.max_model_len) == ("k", 99)
+    options = ServeSettings(api_key="k", admin_key="a", max_model_len=99).ingress_options("/models/x", "x")
+    assert isinstance(options, IngressOptions)
+    assert (options.api_key, options.admin_key, options.max_model_len) == ("k", "a", 99)
     options = _llm_deployment_options(ServeSettings(health_check_period_s=2.5, graceful_shutdown_timeout_s=7))
     assert (options["health_check_period_s"], options["graceful_shutdown_timeout_s"]) == (2.5, 7)

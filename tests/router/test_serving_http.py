@@ -16,12 +16,14 @@ from mixserve.workers.sampling_params import SamplingParams
 from .serve_helpers import free_port, llm_stats, start, stop, wait_until_idle
 
 KEY = "test-key-123"
+ADMIN_KEY = "test-admin-key-456"
 
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint, tmp_path_factory):
     log = tmp_path_factory.mktemp("log") / "requests.jsonl"
-    url, settings = start(tiny_checkpoint, api_key=KEY, request_log=str(log), grpc_port=free_port())
+    url, settings = start(tiny_checkpoint, api_key=KEY, admin_key=ADMIN_KEY, request_log=str(log),
+                          grpc_port=free_port())
     yield url, settings, log
     stop()
 
@@ -244,9 +246,11 @@ def test_grpc_generate_unary_and_streaming_match_http(server, client):
 
 
 def test_re_isq_switches_the_replica_to_int8_and_back_with_the_same_outputs(server):
-    """POST /v1/re_isq (mistral.rs's name): API key required, 400 for an unknown format, 409 while
-    requests are in flight; none -> int8 shrinks the weights (/metrics shows it), int8 calibrated on the
-    built-in text adds its input scales, and switching back gives the greedy outputs from before."""
+    """POST /v1/re_isq (mistral.rs's name): the admin key required (401 without it; the API key never
+    grants it), 400 for an unknown format, 409 while requests are in flight; none -> int8 shrinks the
+    weights (/metrics shows it), int8 calibrated on the built-in text adds its input scales, and
+    switching back gives the greedy outputs from before. (403 when the server has no admin key:
+    tests/cluster/test_secrets.py.)"""
     url = server[0]
     greedy = {"prompt": [1] + list(range(300, 340)), "max_tokens": 10, "temperature": 0, "ignore_eos": True}
 
@@ -257,23 +261,26 @@ def test_re_isq_switches_the_replica_to_int8_and_back_with_the_same_outputs(serv
 
     before = _post(url, "/v1/completions", greedy).json()["choices"][0]["text"]
     full_bytes = weight_bytes_in_metrics()
-    assert _post(url, "/v1/re_isq", {"quantization": "int8"}, key="wrong").status_code == 401
-    bad = _post(url, "/v1/re_isq", {"quantization": "int3"})
+    for key in ("wrong", None, KEY):  # a wrong key, none, the API key
+        refused = _post(url, "/v1/re_isq", {"quantization": "int8"}, key=key)
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_admin_key", refused.text
+    bad = _post(url, "/v1/re_isq", {"quantization": "int3"}, key=ADMIN_KEY)
     assert bad.status_code == 400 and "quantization" in bad.json()["error"]["message"]
 
-    switched = _post(url, "/v1/re_isq", {"quantization": "int8"})
+    switched = _post(url, "/v1/re_isq", {"quantization": "int8"}, key=ADMIN_KEY)
     assert switched.status_code == 200, switched.text
     assert switched.json()["quantization"] == "int8" and 0 < switched.json()["weight_bytes"] < full_bytes
     assert weight_bytes_in_metrics() == switched.json()["weight_bytes"]
     assert _post(url, "/v1/completions", greedy).status_code == 200
     # activation-aware: observed on the built-in text first; the input scales add a little. A client
     # cannot name a file on the server.
-    calibrated = _post(url, "/v1/re_isq", {"quantization": "int8", "calibration": "builtin"})
+    calibrated = _post(url, "/v1/re_isq", {"quantization": "int8", "calibration": "builtin"}, key=ADMIN_KEY)
     assert calibrated.status_code == 200, calibrated.text
     assert calibrated.json()["calibration"] == "builtin"
     assert switched.json()["weight_bytes"] < calibrated.json()["weight_bytes"] < full_bytes
     assert _post(url, "/v1/completions", greedy).status_code == 200
-    assert _post(url, "/v1/re_isq", {"quantization": "int8", "calibration": "/etc/passwd"}).status_code == 400
+    assert _post(url, "/v1/re_isq", {"quantization": "int8", "calibration": "/etc/passwd"},
+                 key=ADMIN_KEY).status_code == 400
 
     # 3 requests x 16 sequences x 120 tokens: seconds of work for the engine (measured ~2.5 s each)
     long = {"prompt": "busy " * 10, "max_tokens": 120, "n": 16, "ignore_eos": True}
@@ -283,11 +290,11 @@ def test_re_isq_switches_the_replica_to_int8_and_back_with_the_same_outputs(serv
         while llm_stats()["load"].num_running == 0:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        busy = _post(url, "/v1/re_isq", {"quantization": "none"})
+        busy = _post(url, "/v1/re_isq", {"quantization": "none"}, key=ADMIN_KEY)
         assert busy.status_code == 409 and "in flight" in busy.json()["error"]["message"], busy.text
         assert all(w.result().status_code == 200 for w in work)
 
-    back = _post(url, "/v1/re_isq", {"quantization": "none"})
+    back = _post(url, "/v1/re_isq", {"quantization": "none"}, key=ADMIN_KEY)
     assert back.status_code == 200 and back.json()["weight_bytes"] == full_bytes
     assert _post(url, "/v1/completions", greedy).json()["choices"][0]["text"] == before
 
