@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import ray
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
 from .serve_config import APP_NAME, INGRESS_DEPLOYMENT, LLM_DEPLOYMENT
 
@@ -78,19 +79,29 @@ def drain_app(timeout_s: float, app: str = APP_NAME, cut_short: Callable[[], boo
 
 
 def _deployments(app: str) -> set[str]:
-    status = serve.status().applications.get(app)
+    try:
+        status = serve.status().applications.get(app)
+    except RayServeException:  # no Serve on this cluster
+        return set()
     return set(status.deployments) if status is not None else set()
 
 
 def _in_flight(ingress, llm) -> tuple[int, int]:
     """(requests in flight at the ingress replicas, sequences running or waiting in the engines); the
-    first call turns every ingress replica to draining. A replica that cannot answer (it died: it
-    holds nothing any more) counts as nothing."""
-    requests = ingress.broadcast("drain").results(timeout_s=CALL_TIMEOUT_S, return_exceptions=True)
-    stats = llm.broadcast("stats").results(timeout_s=CALL_TIMEOUT_S, return_exceptions=True)
-    loads = [s["load"] for s in stats if isinstance(s, dict)]
-    return (sum(r for r in requests if isinstance(r, int)),
-            sum(load.num_running + load.num_waiting for load in loads))
+    first call turns every ingress replica to draining. A replica that does not answer in time counts
+    as one in flight (it is busy); one that fails otherwise (it died) holds nothing any more."""
+    requests = _broadcast(ingress, "drain", lambda n: n)
+    sequences = _broadcast(llm, "stats", lambda stats: stats["load"].num_running + stats["load"].num_waiting)
+    return requests, sequences
+
+
+def _broadcast(handle, method: str, count: Callable) -> int:
+    try:
+        results = handle.broadcast(method).results(timeout_s=CALL_TIMEOUT_S, return_exceptions=True)
+    except TimeoutError:
+        return 1
+    return sum(1 if isinstance(r, TimeoutError) else 0 if isinstance(r, BaseException) else count(r)
+               for r in results)
 
 
 def drain_node(node_id: str, timeout_s: float, app: str = APP_NAME, cut_short: Callable[[], bool] = lambda: False,
@@ -124,7 +135,10 @@ def replicas_on_node(node_id: str, app: str = APP_NAME) -> list[str]:
     instance details (what `serve status` and the dashboard show)."""
     from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
-    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    try:
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:  # no Serve on this cluster
+        return []
     details = ray.get(controller.get_serve_instance_details.remote(), timeout=CALL_TIMEOUT_S)
     deployments = (details.get("applications", {}).get(app) or {}).get("deployments", {})
     return [r["replica_id"] for d in deployments.values() for r in d.get("replicas", [])

@@ -169,16 +169,21 @@ def run_serve(settings: ServeSettings) -> int:
 
 def stop_serving(settings: ServeSettings, signals: StopSignals) -> None:
     """The stop rule (module docstring), logged."""
-    report = drain_app(settings.graceful_shutdown_timeout_s, APP_NAME, signals.cut_short, _say)
-    if report.complete:
+    try:
+        report = drain_app(settings.graceful_shutdown_timeout_s, APP_NAME, signals.cut_short, _say)
+    except Exception as exc:  # Serve could not be asked: stop all the same
+        _say(f"drain failed ({type(exc).__name__}: {exc}); stopping without it")
+        report = None
+    drained = report is not None and report.complete
+    if drained:
         _say(f"drained {report.requests} request(s) in {report.seconds:.1f} s")
-    else:
+    elif report is not None:
         why = "a second signal" if signals.cut_short() else f"the {settings.graceful_shutdown_timeout_s:g} s bound"
         _say(f"stopped waiting after {report.seconds:.1f} s ({why}); {report.left} request(s)/sequence(s) still in "
              "flight are cut")
     started = time.monotonic()
     joined = settings.address is not None
-    if joined or report.complete:
+    if joined or drained:
         serve.shutdown()
     ray.shutdown()
     _say(f"stopped in {time.monotonic() - started:.1f} s; "

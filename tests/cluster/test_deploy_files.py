@@ -33,7 +33,7 @@ from mixserve.cluster.profiles import MODEL_CACHE, PROFILES
 from mixserve.cluster.serve_config import (
     IMPORT_PATH, embed_in_rayservice, render, serve_config, settings_from_config,
 )
-from mixserve.cluster.settings import ServeSettings
+from mixserve.cluster.settings import KEY_FIELDS, ServeSettings
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEMAS = REPO.parent / "shared" / "schemas" / "kuberay"
@@ -60,6 +60,8 @@ def validate_serve_config(config: dict) -> None:
     ServeDeploySchema.model_validate(config)
     for app in config["applications"]:
         if app["import_path"] == IMPORT_PATH:
+            if KEY_FIELDS.keys() & (app.get("args") or {}).keys():  # app_builder refuses them too
+                raise ValueError("a key is written into the Serve config's args")
             ServeSettings.model_validate(app.get("args") or {})
 
 
@@ -136,9 +138,7 @@ def validate_keys_from_secrets(doc: dict) -> None:
             if name == "MIXSERVE_ADMIN_KEY" and ref.get("optional") is not True:
                 raise ValueError(f"{group}: the admin key's Secret must be optional (no Secret: re_isq is off)")
     if doc["kind"] == "RayService":
-        for app in yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"]:
-            if {"api_key", "admin_key"} & (app.get("args") or {}).keys():
-                raise ValueError("a key is written into serveConfigV2")
+        validate_serve_config(yaml.safe_load(doc["spec"]["serveConfigV2"]))  # refuses a key in args
 
 
 def _load(path: Path) -> dict:
@@ -239,6 +239,7 @@ SERVE_BREAKAGES = {
     "misspelled setting in args": lambda c: c["applications"][0]["args"].update(tensor_paralel_size=2),
     "setting of the wrong type": lambda c: c["applications"][0]["args"].update(max_num_seqs="many"),
     "port not a number": lambda c: c["http_options"].update(port="eighty"),
+    "a key in args": lambda c: c["applications"][0]["args"].update(admin_key="written-in-the-config"),
 }
 
 

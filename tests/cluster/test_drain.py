@@ -3,6 +3,7 @@ in flight runs to its end, then Serve and the local Ray head stop and the proces
 no process it started. The drain rule itself (cluster/drain.py) is checked on a fake app."""
 
 import json
+import os
 import signal
 import threading
 import time
@@ -155,3 +156,130 @@ def test_the_ingress_refuses_new_requests_once_draining_and_reports_its_streams(
     with pytest.raises(ApiError) as refused:
         OpenAIIngress._refuse_while_draining(ingress)
     assert refused.value.status == 503 and refused.value.body["error"]["code"] == "shutting_down"
+
+
+# ---- mixserve drain: the preStop hook ----------------------------------------------------------------
+
+def test_mixserve_drain_joins_the_cluster_and_drains_the_app_which_keeps_running(tiny_checkpoint, tmp_path):
+    """The head pod's preStop hook: `mixserve drain` from another process returns once the streams in
+    flight have ended, having turned new requests away; Serve and the app keep running (the pod's
+    SIGTERM stops them)."""
+    import subprocess
+
+    from .serve_process import CLI, gcs_address_of, stop_mixserve
+
+    proc, url, log = start_mixserve(tiny_checkpoint, tmp_path, {}, "--max-num-seqs", str(MAX_NUM_SEQS))
+    results = [{} for _ in range(MAX_NUM_SEQS)]
+    first = [threading.Event() for _ in results]
+    threads = [threading.Thread(target=_stream, args=(url, out, ev)) for out, ev in zip(results, first)]
+    try:
+        for t in threads:
+            t.start()
+        for ev in first:
+            assert ev.wait(120)
+        done = subprocess.run([str(CLI), "drain", "--address", gcs_address_of(proc.pid), "--timeout-s", "60"],
+                              capture_output=True, text=True, timeout=180, cwd=tmp_path,
+                              env={**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token"})  # a local head's
+        drained_at = time.monotonic()
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        assert "drained after" in done.stdout, done.stdout[-2000:]
+        for t in threads:
+            t.join(timeout=60)
+        for out in results:
+            assert out["lines"][-1] == "[DONE]" and json.loads(out["lines"][-2])["usage"]["completion_tokens"] == \
+                MAX_TOKENS, out["lines"][-3:]
+            assert out["ended"] <= drained_at  # the hook returned only after the streams had ended
+        assert proc.poll() is None  # Serve keeps running
+        assert httpx.get(f"{url}/health", timeout=30).status_code == 503
+        refused = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 1}, timeout=30)
+        assert refused.status_code == 503 and refused.headers["Retry-After"]
+    finally:
+        returncode = stop_mixserve(proc)
+    assert returncode == 0, log.read_text()[-3000:]
+
+
+def test_draining_a_node_moves_its_replica_elsewhere_after_the_stream_on_it_ends(tiny_checkpoint):
+    """A worker pod's preStop hook (`mixserve drain --this-node`): Ray drains the node, Serve starts a
+    replacement of its replica on another node and stops this one only once its stream has ended;
+    drain_node returns when no replica of the app is left on the node."""
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    from mixserve.cluster.app import build_app
+    from mixserve.cluster.ray_start import ray_working_directory
+    from mixserve.cluster.settings import ServeSettings
+    from mixserve.router.engine_api import GenerateRequest
+
+    settings = ServeSettings(model=str(tiny_checkpoint), dtype="float32", max_model_len=2048,
+                             kv_cache_bytes=32 << 20, graceful_shutdown_timeout_s=120, routing_stats_period_s=0.5)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # the head runs no replica
+    cwd = os.getcwd()
+    try:
+        leaving = cluster.add_node(num_cpus=2)
+        os.chdir(ray_working_directory())  # Ray's rule here (cluster/ray_start.py): no checkout on the path
+        ray.init(address=cluster.address, log_to_driver=False)
+        os.chdir(cwd)
+        serve.start(proxy_location="Disabled")
+        serve.run(build_app(settings), name=drain.APP_NAME, route_prefix=None)
+        assert len(drain.replicas_on_node(leaving.node_id)) == 2  # the LLM server and the ingress
+        cluster.add_node(num_cpus=2)  # where they can go
+
+        llm = serve.get_deployment_handle(drain.LLM_DEPLOYMENT, drain.APP_NAME).options(stream=True)
+        tokens, stream_ended = [], []
+
+        def stream():
+            req = GenerateRequest("long", [1] + list(range(300, 310)),
+                                  {"max_tokens": 1500, "ignore_eos": True, "temperature": 0.0})
+            for chunk in llm.generate.remote(req):
+                tokens.extend(chunk.choices[0].delta_token_ids)
+            stream_ended.append(time.monotonic())
+
+        streaming = threading.Thread(target=stream)
+        streaming.start()
+        deadline = time.monotonic() + 60
+        while not tokens:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        lines = []
+        assert drain.drain_node(leaving.node_id, timeout_s=120, log=lines.append), lines
+        drained_at = time.monotonic()
+        streaming.join(timeout=60)
+        assert len(tokens) == 1500 and stream_ended and stream_ended[0] <= drained_at, (len(tokens), lines)
+        after = serve.get_deployment_handle(drain.LLM_DEPLOYMENT, drain.APP_NAME).stats.remote().result(
+            timeout_s=60)
+        assert after["load"].idle  # the replacement serves
+        print(" | ".join(lines))
+    finally:
+        os.chdir(cwd)
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_a_replica_too_busy_to_answer_counts_as_busy_and_a_dead_one_as_empty():
+    class Handle:
+        def __init__(self, results):
+            self.results_ = results
+
+        def broadcast(self, method):
+            return SimpleNamespace(results=lambda **kw: self.results_)
+
+    assert drain._broadcast(Handle([2, TimeoutError(), RuntimeError("actor died")]), "drain", lambda n: n) == 3
+
+
+def test_the_first_stop_signal_asks_to_stop_and_the_second_to_stop_waiting():
+    from mixserve.cluster.serve_command import StopSignals
+
+    before = {sig: signal.getsignal(sig) for sig in StopSignals.SIGNALS}
+    signals = StopSignals()
+    try:
+        signals.install()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert signals.wait(period_s=0.01) == "SIGTERM" and not signals.cut_short()
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert signals.cut_short() and signals.received == ["SIGTERM", "SIGINT"]
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
