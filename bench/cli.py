@@ -218,8 +218,9 @@ def _add_bench_soak_parser(modes) -> None:
     )
     p.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the demo model)")
     p.add_argument("--replicas", type=int, default=2)
-    p.add_argument("--replica-cpus", type=float, default=1.0, help="Ray CPUs of an LLM-server replica")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per replica")
+    p.add_argument("--replica-cpus", type=float, default=None,
+                   help="Ray CPUs of an LLM-server replica (default: as mixserve serve decides them)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per replica (default: its CPUs)")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight")
     p.add_argument("--requests", type=int, default=400, help="stop after sending this many")

@@ -87,10 +87,24 @@ def _llm_deployment_options(s: ServeSettings) -> dict:
     return options
 
 
+def cluster_node_cpus() -> tuple[float, int]:
+    """(CPUs of the largest alive node, number of nodes with CPUs) of the Ray cluster this process
+    is connected to."""
+    import ray
+
+    cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    cpus = [c for c in cpus if c > 0] or [1.0]
+    return max(cpus), len(cpus)
+
+
 def build_app(settings: ServeSettings) -> serve.Application:
+    """The application; CPUs left to the default are decided for the Ray cluster's nodes here unless
+    the caller decided them already (`mixserve serve` does, for this machine when it starts the head)."""
+    if not settings.cpus_decided:
+        settings = settings.with_cpus_for(*cluster_node_cpus())
     model = resolve_model(settings)
     name = settings.served_model_name or (_model_name(model) if settings.model else DEMO_MODEL_NAME)
-    threads = settings.threads or (max(1, int(settings.replica_cpus)) if settings.tensor_parallel_size == 1 else 1)
+    threads = settings.engine_threads() if settings.tensor_parallel_size == 1 else 1
     if settings.ingress == "direct":  # the LLM server is its own ingress: one deployment, named as the LLM server
         options = {k: v for k, v in _llm_deployment_options(settings).items() if k != "request_router_config"}
         return serve.deployment(OpenAIIngress).options(**options).bind(

@@ -22,7 +22,7 @@ from ray.serve.config import HTTPOptions, gRPCOptions
 from mixserve.workers.model_source import resolve_model as resolve_source
 from mixserve.workers.ports import free_port
 
-from .app import build_app, resolve_model
+from .app import build_app, cluster_node_cpus, resolve_model
 from .drain import drain_app
 from .ray_start import init_ray
 from .serve_config import APP_NAME, LLM_DEPLOYMENT
@@ -39,6 +39,12 @@ def start_serve(settings: ServeSettings, on_ray_up: Callable[[], None] | None = 
     settings = settings.with_absolute_paths()
     settings = report_sizing(settings, resolve_source(resolve_model(settings), show_progress=True))
     init_ray_for(settings)
+    # CPUs left to the default: this machine's when it is the whole cluster, else the cluster's nodes'
+    settings = settings.with_cpus_for(os.cpu_count() or 1) if settings.address is None else \
+        settings.with_cpus_for(*cluster_node_cpus())
+    print(f"engine threads: {settings.engine_threads()} per {'replica' if settings.tensor_parallel_size == 1 else 'rank'}"
+          f" ({settings.replica_cpus:g} CPUs per replica" + (f", {settings.rank_cpus:g} per rank"
+          if settings.tensor_parallel_size > 1 else "") + ")", flush=True)
     if on_ray_up is not None:
         on_ray_up()
     needed, at_most = settings.cpus_needed(), settings.cpus_needed(at_most=True)

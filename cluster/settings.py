@@ -13,6 +13,7 @@ entrypoint; `ps` shows it) nor a Serve config (`serve config` and the dashboard 
 are SecretStr (a repr shows stars), and a validation error never echoes the inputs.
 """
 
+import math
 import os
 from typing import Literal
 
@@ -89,7 +90,8 @@ class ServeSettings(BaseModel):
         "this fraction of the memory available at start, less the weights (after quantization), shared by the "
         "ranks; at most what max_num_seqs full-length sequences need; replaces kv_cache_bytes")
     enable_prefix_caching: bool = _ENGINE.enable_prefix_caching
-    threads: int | None = Field(None, ge=1, description="torch threads per engine process")
+    threads: int | None = Field(None, ge=1, description="torch threads per engine process (default: the CPUs the "
+                                "replica, or with tensor parallelism each rank, was given)")
     # replicas and resources
     replicas: int = Field(1, ge=1)
     min_replicas: int | None = Field(None, ge=0, description="set with max_replicas to autoscale")
@@ -101,8 +103,13 @@ class ServeSettings(BaseModel):
                                      "replica is removed (Serve's default)")
     autoscaling_look_back_s: float = Field(30.0, gt=0, description="autoscaling: the window the load is averaged "
                                            "over (Serve's default)")
-    replica_cpus: float = Field(1.0, gt=0, description="CPUs of an LLM-server replica actor")
-    rank_cpus: float = Field(1.0, gt=0, description="CPUs of one tensor-parallel rank actor")
+    replica_cpus: float | None = Field(
+        None, gt=0, description="CPUs of an LLM-server replica actor (its torch threads, without tensor parallelism); "
+        "default: a node's CPUs shared by the replicas that may run on it (max_replicas when autoscaling), at least "
+        "1; with tensor parallelism 1 (the ranks compute)")
+    rank_cpus: float | None = Field(
+        None, gt=0, description="CPUs of one tensor-parallel rank actor (its torch threads); default: a node's CPUs "
+        "shared by the ranks that may run on it, at least 1")
     rank_gpus: float = Field(0.0, ge=0, description="GPUs of one tensor-parallel rank actor")
     ingress_cpus: float = Field(0.1, gt=0)
     ingress_replicas: int = Field(1, ge=1, description="replicas of the HTTP/gRPC ingress")
@@ -201,10 +208,40 @@ class ServeSettings(BaseModel):
             raise ValueError("min_replicas must not exceed max_replicas")
         return self
 
+    def with_cpus_for(self, node_cpus: float, nodes: int = 1) -> "ServeSettings":
+        """These settings with replica_cpus and rank_cpus decided where left to the default, for a
+        cluster of `nodes` nodes of `node_cpus` CPUs each: the replicas that may run at once (max_replicas
+        when autoscaling) spread evenly over the nodes, each node's CPUs shared by the engines on it,
+        at least 1 each (so a replica's torch threads use its share of the machine and no more)."""
+        replicas = self.max_replicas if self.min_replicas is not None else self.replicas
+        per_node = math.ceil(replicas / max(1, nodes))
+        tp = self.tensor_parallel_size
+        update = {}
+        if self.replica_cpus is None:
+            update["replica_cpus"] = float(max(1, math.floor(node_cpus / per_node))) if tp == 1 else 1.0
+        if self.rank_cpus is None:
+            update["rank_cpus"] = float(max(1, math.floor(node_cpus / (per_node * tp))))
+        return self.model_copy(update=update) if update else self
+
+    @property
+    def cpus_decided(self) -> bool:
+        return self.replica_cpus is not None and self.rank_cpus is not None
+
+    def engine_threads(self) -> int:
+        """torch threads of an engine process: --threads, else the CPUs it was given (a replica's with
+        TP=1, a rank's with tensor parallelism), at least 1."""
+        if self.threads:
+            return self.threads
+        cpus = self.replica_cpus if self.tensor_parallel_size == 1 else self.rank_cpus
+        return max(1, int(cpus))
+
     def cpus_needed(self, at_most: bool = False) -> float:
         """Logical Ray CPUs the app asks for: at start (its initial replicas, each replica actor plus,
         with tensor parallelism, its rank actors, and the ingress replicas), or `at_most` once
-        autoscaling has added every replica it may (max_replicas)."""
+        autoscaling has added every replica it may (max_replicas). CPUs left to the default are
+        decided for this machine (with_cpus_for)."""
+        if not self.cpus_decided:
+            return self.with_cpus_for(os.cpu_count() or 1).cpus_needed(at_most)
         if self.min_replicas is None:
             replicas = self.replicas
         else:
@@ -214,7 +251,9 @@ class ServeSettings(BaseModel):
         return replicas * (self.replica_cpus + ranks) + ingress
 
     def engine_config(self, model_path: str) -> EngineConfig:
-        """The EngineConfig of one replica."""
+        """The EngineConfig of one replica (CPUs left to the default decided for this machine)."""
+        if not self.cpus_decided:
+            return self.with_cpus_for(os.cpu_count() or 1).engine_config(model_path)
         rank_bundle = {"CPU": self.rank_cpus}
         if self.rank_gpus:
             rank_bundle["GPU"] = self.rank_gpus
@@ -229,7 +268,7 @@ class ServeSettings(BaseModel):
             device=self.device, rank_bundle=rank_bundle,
             placement_strategy=self.placement_strategy,
             use_current_placement_group=self.tensor_parallel_size > 1, rank_bundle_offset=1,
-            rank_threads=self.threads,
+            rank_threads=self.engine_threads(),
         )
 
     def ingress_options(self, model_path: str, served_model_name: str):

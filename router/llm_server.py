@@ -45,8 +45,9 @@ class LLMServer:
             self.replica_id, in_serve = "local", False
         self.engine = AsyncLLMEngine(lambda: LLMEngine(engine_config), on_failure=self._leave if in_serve else None)
         engine = self.engine.engine
-        logger.info("engine kernels: %s | weights %s: %.2f GiB per rank", describe_kernels(engine.kernel_report()),
-                    engine.weight_format.quantization, engine.weight_bytes() / 2**30)
+        logger.info("engine kernels: %s | weights %s: %.2f GiB per rank | torch threads %d",
+                    describe_kernels(engine.kernel_report()), engine.weight_format.quantization,
+                    engine.weight_bytes() / 2**30, torch.get_num_threads())
         self.max_published_hashes = max_published_hashes
         self.stream_interval = stream_interval
 

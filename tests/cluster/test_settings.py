@@ -105,3 +105,21 @@ def test_engine_defaults_live_in_one_place_and_flow_as_typed_objects():
     assert (options.api_key, options.admin_key, options.max_model_len) == ("k", "a", 99)
     options = _llm_deployment_options(ServeSettings(health_check_period_s=2.5, graceful_shutdown_timeout_s=7))
     assert (options["health_check_period_s"], options["graceful_shutdown_timeout_s"]) == (2.5, 7)
+
+
+@pytest.mark.parametrize("overrides, node_cpus, nodes, replica_cpus, rank_cpus, threads", [
+    ({}, 2, 1, 2.0, 2.0, 2),  # the default shape uses every core of a 2-core machine
+    ({}, 16, 1, 16.0, 16.0, 16),
+    ({"replicas": 2}, 2, 1, 1.0, 1.0, 1),  # two replicas share it
+    ({"replicas": 4}, 16, 2, 8.0, 8.0, 8),  # spread over two nodes, two each
+    ({"min_replicas": 1, "max_replicas": 2}, 2, 1, 1.0, 1.0, 1),  # room for what autoscaling may add
+    ({"tensor_parallel_size": 2}, 2, 1, 1.0, 1.0, 1),  # the ranks compute, one core each
+    ({"tensor_parallel_size": 2}, 16, 1, 1.0, 8.0, 8),
+    ({"replicas": 3}, 2, 1, 1.0, 1.0, 1),  # never below one CPU
+    ({"replica_cpus": 0.5, "threads": 3}, 2, 1, 0.5, 2.0, 3),  # explicit values stay
+])
+def test_engine_cpus_and_threads_default_to_a_nodes_share(overrides, node_cpus, nodes, replica_cpus, rank_cpus,
+                                                          threads):
+    s = ServeSettings(**overrides).with_cpus_for(node_cpus, nodes)
+    assert (s.replica_cpus, s.rank_cpus, s.engine_threads()) == (replica_cpus, rank_cpus, threads)
+    assert s.engine_config("m").rank_threads == threads
