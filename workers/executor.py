@@ -24,7 +24,8 @@ class Executor(Protocol):
         """Bytes of the weights one rank holds (rank 0's), quantized codes and scales included."""
 
     def reload_weights(self, weights: WeightFormat) -> None:
-        """Every rank reads its weights again from the checkpoint, stored as `weights` says."""
+        """Every rank reads its weights again from the checkpoint, stored as `weights` says: all ranks
+        swap to the new weights or none does (WeightReloadError; the old ones keep serving)."""
 
     def shutdown(self) -> None: ...
 

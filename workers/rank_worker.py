@@ -77,10 +77,20 @@ class RankWorker:
     def weight_bytes(self) -> int:
         return self.runner.model.weight_bytes()
 
-    def reload_weights(self, weights: WeightFormat) -> int:
-        """Read this rank's shard again in another format; returns its weight bytes."""
-        self.runner.reload_weights(weights)
+    # ---- re-reading the weights, two-phase (workers/ray_executor.py `reload_weights`) ----------
+
+    def stage_weights(self, weights: WeightFormat) -> None:
+        """Read this rank's shard again in another format next to the serving one (WeightReloadError
+        if that fails: the rank keeps serving its shard)."""
+        self.runner.stage_weights(weights)
+
+    def swap_staged(self) -> int:
+        """Serve the staged shard; returns its weight bytes."""
+        self.runner.swap_staged()
         return self.weight_bytes()
+
+    def discard_staged(self) -> None:
+        self.runner.discard_staged()
 
     def kernel_report(self) -> dict[str, str]:
         return dict(self.runner.model.kernel_report)

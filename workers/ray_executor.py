@@ -8,6 +8,9 @@ taking bundles `rank_bundle_offset ..`; elsewhere it creates (and later removes)
 Per step: the same StepInput goes to every rank in parallel; rank 0 samples and returns tokens.
 Failure: if any rank's call fails (its actor died, its communicator broke) or the step exceeds
 `step_timeout_s`, `execute` raises RankFailure at once; the engine then reports itself unhealthy.
+Re-reading the weights is two-phase: every rank stages its new shard next to the serving one; only
+when all have, all swap; if any rank failed to stage (WeightReloadError), all discard and keep
+serving the old shards in step, and the caller gets WeightReloadError naming the ranks.
 """
 
 import time
@@ -19,7 +22,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .config import ModelConfig
 from .loader import WeightFormat
-from .model_runner import CacheShape
+from .model_runner import CacheShape, WeightReloadError
 from .rank_worker import RankWorker
 from .step_input import StepInput, StepOutput
 
@@ -96,19 +99,23 @@ class RayExecutor:
             self.shutdown()
             raise
 
-    def _wait_all(self, refs: list, timeout_s: float) -> list:
-        """All results, or RankFailure as soon as any rank fails or time runs out."""
+    def _wait_all(self, refs: list, timeout_s: float, survivable: tuple[type, ...] = ()) -> list:
+        """All results, in rank order; where a rank raised a `survivable` error (one it reports and
+        keeps serving after), that error in its place. RankFailure as soon as any rank fails otherwise
+        or time runs out."""
         deadline = time.monotonic() + timeout_s
-        pending = list(refs)
+        pending, answers = list(refs), {}
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
                 raise RankFailure(f"a tensor-parallel rank did not answer within {timeout_s:.0f} s")
             try:
-                ray.get(ready[0])
+                answers[ready[0]] = ray.get(ready[0])
+            except survivable as exc:
+                answers[ready[0]] = getattr(exc, "cause", exc)  # the rank's own exception, not Ray's wrapper
             except Exception as exc:
                 raise RankFailure(f"a tensor-parallel rank failed: {exc}") from exc
-        return ray.get(refs)
+        return [answers[ref] for ref in refs]
 
     def execute(self, step: StepInput) -> StepOutput:
         refs = [w.execute.remote(step, rank == 0) for rank, w in enumerate(self.workers)]
@@ -122,7 +129,15 @@ class RayExecutor:
         return self.rank_weight_bytes[0]
 
     def reload_weights(self, weights: WeightFormat, timeout_s: float = 600.0) -> None:
-        self.rank_weight_bytes = self._wait_all([w.reload_weights.remote(weights) for w in self.workers], timeout_s)
+        """Two-phase (the rule at the top): all ranks swap to their new shards, or none does."""
+        staged = self._wait_all([w.stage_weights.remote(weights) for w in self.workers], timeout_s,
+                                survivable=(WeightReloadError,))
+        failed = {rank: error for rank, error in enumerate(staged) if isinstance(error, WeightReloadError)}
+        if failed:
+            self._wait_all([w.discard_staged.remote() for w in self.workers], timeout_s)
+            raise WeightReloadError("; ".join(f"rank {rank}: {error}" for rank, error in failed.items())
+                                    + " (every rank keeps serving its current weights)")
+        self.rank_weight_bytes = self._wait_all([w.swap_staged.remote() for w in self.workers], timeout_s)
 
     def kernel_report(self) -> dict[str, str]:
         return self._wait_all([self.workers[0].kernel_report.remote()], 30.0)[0]
