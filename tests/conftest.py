@@ -1,6 +1,7 @@
 """Shared fixtures: random-weight tiny checkpoints, built once per test session."""
 
 import os
+import sys
 
 # transformers must never reach for the Hub in tests; set before anything imports it.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -10,11 +11,21 @@ import pytest
 import ray.cloudpickle
 
 import tests
+from tests.helpers import kernels_resolves_to_the_repository
 from mixserve.random_models.random_checkpoint import write_mistral_layout, write_random_checkpoint
 
 # Ray's workers cannot import this package (the repository root is on no worker's path, see
 # cluster/ray_start.py): functions and classes the tests send them travel by value.
 ray.cloudpickle.register_pickle_by_value(tests)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _the_repository_stays_off_the_import_path(request):
+    """After each module: nothing it ran put the repository root ahead of site-packages (its kernels/
+    folder would shadow Hugging Face's `kernels`, and transformers' model code would fail to import)."""
+    yield
+    assert not kernels_resolves_to_the_repository(), (
+        f"{request.module.__name__} left the repository root ahead of site-packages: sys.path starts {sys.path[:3]}")
 
 
 @pytest.fixture(scope="session")

@@ -133,3 +133,16 @@ def interrupt(proc: subprocess.Popen, timeout_s: float = 60) -> tuple[int, str]:
         proc.kill()
         out, _ = proc.communicate()
     return proc.returncode, out or ""
+
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def kernels_resolves_to_the_repository() -> bool:
+    """Whether `import kernels` would find the repository's kernels/ folder (installed as
+    mixserve.kernels) instead of Hugging Face's `kernels` package, which transformers imports."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("kernels")
+    origin = spec and (spec.origin or next(iter(spec.submodule_search_locations or []), None))
+    return bool(origin) and Path(origin).resolve().is_relative_to(REPOSITORY / "kernels")

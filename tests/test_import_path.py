@@ -1,6 +1,7 @@
 """The repository root never comes before site-packages on an import path we set up: its
 `kernels/` folder (installed as mixserve.kernels) would shadow Hugging Face's `kernels` package,
-which transformers imports, in the test process and in every Ray worker."""
+which transformers imports, in the test process and in every Ray worker. (conftest.py checks the
+test process again after every module, so a test that puts it there is named.)"""
 
 import importlib.util
 import os
@@ -12,13 +13,8 @@ import ray
 
 from mixserve.cluster.ray_start import init_ray
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _resolves_to_our_folder() -> bool:
-    spec = importlib.util.find_spec("kernels")
-    origin = spec and (spec.origin or next(iter(spec.submodule_search_locations or []), None))
-    return bool(origin) and Path(origin).resolve().is_relative_to(ROOT / "kernels")
+from tests.helpers import REPOSITORY as ROOT
+from tests.helpers import kernels_resolves_to_the_repository as _resolves_to_our_folder
 
 
 def _import_transformers_model_code() -> str:

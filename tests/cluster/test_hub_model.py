@@ -89,7 +89,7 @@ def _cli() -> str:
 
 def test_the_network_really_is_blocked_in_these_subprocesses(hub_env):
     probe = "import urllib.request; urllib.request.urlopen('https://huggingface.co', timeout=5)"
-    done = subprocess.run([sys.executable, "-c", probe], env=hub_env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-P", "-c", probe], env=hub_env, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "blocked by the test" in done.stderr
 
 

@@ -7,6 +7,7 @@ the app from `import_path` + `args` in a Ray task. Only the model (the tiny chec
 demo cache) and the port (a free one) differ from the committed file.
 """
 
+import sys
 import time
 from pathlib import Path
 
@@ -47,7 +48,8 @@ def _wait_until_running(app: str, timeout_s: float) -> None:
     pytest.fail(f"{app} not RUNNING after {timeout_s:.0f} s (last status {status})")
 
 
-def test_committed_tiny_cpu_serve_config_deploys_with_serve_run_and_completes(local_ray, tiny_checkpoint, tmp_path):
+def test_committed_tiny_cpu_serve_config_deploys_with_serve_run_and_completes(local_ray, tiny_checkpoint, tmp_path,
+                                                                             monkeypatch):
     config = yaml.safe_load((REPO / "cluster" / "serve-config-tiny-cpu.yaml").read_text())
     port = free_port()
     config["http_options"].update(host="127.0.0.1", port=port)
@@ -58,7 +60,12 @@ def test_committed_tiny_cpu_serve_config_deploys_with_serve_run_and_completes(lo
     path.write_text(yaml.safe_dump(config, sort_keys=False))
 
     started = time.monotonic()
-    result = CliRunner().invoke(serve_cli, ["run", str(path), "--non-blocking"])
+    # `serve run` puts its --app-dir (default: the working directory, the repository) at the front of
+    # sys.path: give it an empty one, and undo the insertion after the test
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    app_dir = tmp_path / "app-dir"
+    app_dir.mkdir()
+    result = CliRunner().invoke(serve_cli, ["run", str(path), "--non-blocking", "--app-dir", str(app_dir)])
     assert result.exit_code == 0, result.output
     _wait_until_running(APP, timeout_s=240)
     deployed_after = time.monotonic() - started

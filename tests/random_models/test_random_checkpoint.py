@@ -222,7 +222,7 @@ def test_demo_checkpoint_is_built_once_and_reused(tmp_path):
 
 
 def test_cli_checkpoint_writes_a_loadable_tiny_checkpoint(tmp_path, tiny_checkpoint):
-    cmd = [sys.executable, "-m", "mixserve.cluster.cli", "checkpoint", "--preset", "tiny", "--out"]
+    cmd = [sys.executable, "-P", "-m", "mixserve.cluster.cli", "checkpoint", "--preset", "tiny", "--out"]
     subprocess.run([*cmd, str(tmp_path / "hf"), "--max-shard-bytes", "8000000"], check=True, capture_output=True)
     assert _tensors(tmp_path / "hf").keys() == _tensors(tiny_checkpoint).keys()
     assert (tmp_path / "hf" / "model.safetensors.index.json").exists()

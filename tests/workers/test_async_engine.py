@@ -139,6 +139,7 @@ def test_a_slow_reader_gets_missed_reports_folded_into_one(tiny_checkpoint):
 
 _ENGINE_THREAD_OPENMP = """
 import asyncio, ctypes, sys
+sys.path.append(sys.argv[2])  # the repository, for the tests package: after site-packages, never ahead
 import torch
 from mixserve.workers.async_engine import AsyncLLMEngine
 from tests.workers.engine_helpers import make_engine
@@ -162,8 +163,8 @@ def test_engine_thread_runs_openmp_with_the_process_thread_count(tiny_checkpoint
     if not any("libgomp" in line for line in open("/proc/self/maps")):
         pytest.skip("this torch build does not use GNU OpenMP")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", _ENGINE_THREAD_OPENMP, str(tiny_checkpoint)], env=env,
-                          capture_output=True, text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(
-                              os.path.dirname(os.path.abspath(__file__)))))
+    repository = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, "-P", "-c", _ENGINE_THREAD_OPENMP, str(tiny_checkpoint), repository],
+                          env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-1] == "2"

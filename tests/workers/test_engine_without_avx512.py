@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -24,6 +25,7 @@ AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 _RUN = r"""
 import dataclasses, json, sys
+sys.path.append(sys.argv[4])  # the repository, for the tests package: after site-packages, never ahead
 import torch
 from mixserve.kernels.capability import cpu_capability
 from mixserve.workers.config import load_model_config
@@ -49,8 +51,9 @@ print(json.dumps({
 def test_bfloat16_runs_on_reference_kernels_and_auto_takes_float32_without_avx512(tiny_checkpoint, tmp_path):
     prompt = list(range(5, 45))
     out = tmp_path / "logits.pt"
-    env = {**os.environ, **AVX2_ENV, "PYTHONPATH": os.getcwd()}
-    done = subprocess.run([sys.executable, "-c", _RUN, str(tiny_checkpoint), json.dumps(prompt), str(out)],
+    env = {**os.environ, **AVX2_ENV}
+    done = subprocess.run([sys.executable, "-P", "-c", _RUN, str(tiny_checkpoint), json.dumps(prompt), str(out),
+                           str(Path(__file__).resolve().parents[2])],
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])

@@ -81,7 +81,7 @@ print(json.dumps({
 
 
 def _measure(path, dtype: str, touch_all: bool) -> dict:
-    done = subprocess.run([sys.executable, "-c", _MEASURE, str(path), dtype, "1" if touch_all else "0"],
+    done = subprocess.run([sys.executable, "-P", "-c", _MEASURE, str(path), dtype, "1" if touch_all else "0"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
