@@ -22,6 +22,7 @@ from ray import serve
 
 from ..workers.config import load_model_config
 from ..workers.engine import EngineBusyError
+from ..workers.model_runner import WeightReloadError
 from ..workers.model_source import resolve_model
 from ..workers.request_checks import max_model_len
 from ..workers.tokenizer import Tokenizer
@@ -259,6 +260,9 @@ class OpenAIIngress(GrpcGenerateMixin):
             raise ApiError(409, remote_message(exc), "conflict_error", "engine_busy") from None
         except ValueError as exc:
             raise ApiError(400, remote_message(exc)) from None
+        except WeightReloadError as exc:  # the replica kept its weights (workers/model_runner.py)
+            raise ApiError(500, f"re-quantizing failed, the replica still serves its previous weights: "
+                                f"{remote_message(exc)}", "server_error", "reload_failed") from None
         self.metrics.weight_bytes.labels(self.opts.served_model_name, result["replica"]).set(result["weight_bytes"])
         return result
 

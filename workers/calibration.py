@@ -8,8 +8,8 @@ model as independent prefills of up to CHUNK_TOKENS tokens, each from position 0
 linear layer's input observed (kernels/linear.py `observing_inputs`): per weight, sums of |x| and
 x^2 per input channel (kernels/activation_aware.py). Every tensor-parallel rank runs the same
 prefills in step (their all-reduces pair up) and observes its own shard's inputs.
-The KV cache is used as scratch: calibration runs before any request, or (re-quantization) on an
-idle engine whose prefix cache is then forgotten.
+The forwards write into a scratch KV cache of their own (workers/model_runner.py), never the serving
+one: a re-quantization that fails leaves the prefix cache valid.
 """
 
 import importlib
