@@ -130,4 +130,7 @@ def app_builder(args: dict) -> serve.Application:
     if written := sorted(KEY_FIELDS.keys() & args.keys()):
         raise ValueError(f"{' and '.join(written)} must not be written into a Serve config (Ray shows its args); "
                          f"set {' and '.join(KEY_FIELDS[k] for k in written)} on the Ray nodes instead")
-    return build_app(ServeSettings.model_validate({**args, **keys_from_environment()}))
+    settings = ServeSettings.model_validate({**args, **keys_from_environment()})
+    if settings.direct_http is None:  # in a Serve config, Serve's proxy holds the HTTP port
+        settings = settings.model_copy(update={"direct_http": False})
+    return build_app(settings)

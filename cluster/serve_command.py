@@ -37,6 +37,8 @@ def start_serve(settings: ServeSettings, on_ray_up: Callable[[], None] | None = 
     # Resolved once here (a hub id downloads with a progress bar): a model that cannot be had or cannot
     # fit fails before Ray starts, and the replicas on this node then find it in the hub cache.
     settings = settings.with_absolute_paths()
+    if settings.direct_http is None:  # the ingress holds the port itself unless told otherwise
+        settings = settings.model_copy(update={"direct_http": True})
     settings = report_sizing(settings, resolve_source(resolve_model(settings), show_progress=True))
     init_ray_for(settings)
     # CPUs left to the default: this machine's when it is the whole cluster, else the cluster's nodes'
@@ -60,13 +62,11 @@ def start_serve(settings: ServeSettings, on_ray_up: Callable[[], None] | None = 
     if settings.grpc_port:
         grpc = gRPCOptions(port=settings.grpc_port, grpc_servicer_functions=[GRPC_SERVICER])
     if settings.direct_http and grpc is None:
-        # The replica holds --port itself and nothing needs Serve's proxy: none is started. Measured on
-        # CPU class [avx2 avx512_bf16 avx512f], 2 cores: an idle proxy actor wakes ~100x/s, and with it
-        # (and the controller at 0.1 s) a batch-32 decode step of a plain process beside the idle app took
-        # ~80 ms instead of ~65; served throughput rose ~9% without it (and the controller at 0.5 s).
+        # The ingress holds --port itself and nothing needs Serve's proxy: none is started (an idle
+        # proxy actor wakes ~100 times a second, time taken from the engine's threads on a small machine).
         serve.start(proxy_location="Disabled")
     else:
-        if settings.direct_http:  # the replica holds --port itself; Serve's proxy (gRPC only) moves aside
+        if settings.direct_http:  # the ingress holds --port itself; Serve's proxy (gRPC only) moves aside
             http = HTTPOptions(host="127.0.0.1", port=free_port())
         else:
             http = HTTPOptions(host=settings.host, port=settings.port)

@@ -125,10 +125,10 @@ class ServeSettings(BaseModel):
         "separate", description="separate: an HTTP/gRPC ingress deployment in front of the LLM-server replicas (the "
         "router sees each prompt); direct: the LLM server is its own ingress (one replica only), so a token crosses "
         "one Ray hop to the HTTP proxy instead of two")
-    direct_http: bool = Field(
-        False, description="with ingress 'direct', started by `mixserve serve`: the replica serves HTTP on --host/"
-        "--port itself (uvicorn in the replica's process; a token crosses no Ray hop at all) and Serve's HTTP proxy "
-        "moves to a free loopback port. Not for Serve config deploys, where Serve's proxy holds the port")
+    direct_http: bool | None = Field(
+        None, description="the ingress serves HTTP on --host/--port itself (uvicorn in its process), so no token "
+        "crosses a Ray hop between Serve's HTTP proxy and it; Serve's proxy then runs only for gRPC, on a free "
+        "loopback port. Default: on for `mixserve serve`, off in Serve configs (Serve's proxy holds the port there)")
     stream_interval: int = Field(1, ge=1, description="stream a request's tokens N at a time (its first and last "
                                  "chunks at once): fewer, larger chunks cost less CPU per token")
     # routing
@@ -192,12 +192,6 @@ class ServeSettings(BaseModel):
         if self.ingress == "direct" and (self.replicas != 1 or self.min_replicas is not None):
             raise ValueError("ingress 'direct' serves one replica (the HTTP proxy cannot route by prompt); use "
                              "ingress 'separate' for several replicas or autoscaling")
-        return self
-
-    @model_validator(mode="after")
-    def _direct_http_needs_direct_ingress(self):
-        if self.direct_http and self.ingress != "direct":
-            raise ValueError("direct_http needs ingress 'direct' (the replica that serves HTTP is the LLM server)")
         return self
 
     @model_validator(mode="after")
@@ -281,5 +275,7 @@ class ServeSettings(BaseModel):
             max_body_bytes=self.max_body_bytes,
             request_log=self.request_log, prompt_text=self.prefix_routing and self.prefix_router == "ray",
             http_address=(self.host, self.port) if self.direct_http else None,
-            max_in_flight=self.max_ongoing_requests + self.max_queued_requests if self.direct_http else None,
+            # with the engine in the ingress and no Serve proxy, no Serve queue caps its requests
+            max_in_flight=self.max_ongoing_requests + self.max_queued_requests
+            if self.direct_http and self.ingress == "direct" else None,
         )

@@ -21,6 +21,7 @@ class GenerateRequest:
     sampling: dict  # keyword arguments of workers.sampling_params.SamplingParams
     block_hashes: list[int] = field(default_factory=list)
     prompt: str = ""  # the prompt's text, for routers that read it (Ray's PrefixCacheAffinityRouter); else ""
+    reply_to: tuple[str, int, str] | None = None  # the ingress's relay receiver (router/token_relay.py)
 
 
 @dataclass(slots=True)

@@ -10,6 +10,7 @@ Retry-After; a client that goes away cancels its request in the engine.
 import asyncio
 import json
 import logging
+import socket
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -63,12 +64,17 @@ async def _api_error(request: Request, exc: ApiError):
 
 
 def serve_http_in_thread(host: str, port: int) -> threading.Thread:
-    """Serve this module's FastAPI app on host:port from this process (the direct shape's own HTTP
-    server): uvicorn in a thread with its event loop. The class routes find the ingress object
-    through Serve's replica context, which is process-wide; the engine hands each stream's reports
-    to the loop that opened it, so requests on this loop stream without crossing a Ray hop."""
-    server = uvicorn.Server(uvicorn.Config(api, host=host, port=port, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, name="mixserve-http", daemon=True)
+    """Serve this module's FastAPI app on host:port from this process (the ingress's own HTTP server):
+    uvicorn in a thread with its event loop, on a socket bound with SO_REUSEPORT so that the ingress
+    replicas of one node share the port (the kernel spreads connections over them). The class routes
+    find the ingress object through Serve's replica context, which is process-wide; chunks reach this
+    loop from the relay (or, in the direct shape, the engine), without a Ray hop."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(api, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="mixserve-http", daemon=True)
     thread.start()
     return thread
 
@@ -107,7 +113,7 @@ class OpenAIIngress(GrpcGenerateMixin):
         self.metrics = ServingMetrics(options.served_model_name)
         self.pipeline = RequestPipeline(self.model, self.llm.open_stream, self.metrics, RequestLog(options.request_log),
                                         options.api_key, options.max_in_flight, admin_key=options.admin_key)
-        if self.local is not None and options.http_address is not None:
+        if options.http_address is not None:
             serve_http_in_thread(*options.http_address)
 
     # ---- the engine's own calls, in the direct shape -------------------------------------------

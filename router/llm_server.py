@@ -28,6 +28,7 @@ from ..workers.engine_config import EngineConfig
 from ..workers.outputs import RequestOutput
 from ..workers.sampling_params import SamplingParams
 from .engine_api import ChoiceDelta, GenerateChunk, GenerateRequest, ReplicaLoad, ReplicaRoutingStats
+from .token_relay import RelayedStream, RelayReceiver, RelaySender
 
 EXIT_GRACE_S = 1.0  # after an engine failure: time for the error chunks to reach the ingress
 logger = logging.getLogger("ray.serve")
@@ -50,6 +51,7 @@ class LLMServer:
                     engine.weight_bytes() / 2**30, torch.get_num_threads())
         self.max_published_hashes = max_published_hashes
         self.stream_interval = stream_interval
+        self.relay = RelaySender()
 
     def _leave(self, exc: BaseException) -> None:
         logger.error("replica %s: the engine failed (%r); this replica exits in %.1f s and Serve replaces it",
@@ -96,6 +98,13 @@ class LLMServer:
                 yield self._chunk(held, first)
                 first, held = False, None
 
+    async def generate_relayed(self, request: GenerateRequest) -> None:
+        """`generate`, with the chunks written to the ingress's relay receiver (request.reply_to)
+        instead of streamed back through Ray (router/token_relay.py); returns when the last chunk is
+        written. Raises what `generate` raises; an ingress that cannot be reached aborts the request."""
+        async for chunk in self.generate(request):
+            await self.relay.send(request.reply_to, chunk)
+
     def record_routing_stats(self) -> dict:
         engine = self.engine.engine
         cached = engine.kv.pool.by_hash
@@ -131,14 +140,19 @@ class LLMServer:
 
 
 class RemoteLLM:
-    """The LLM-server deployment seen from a separate ingress: one Ray hop per chunk (the router picks
-    the replica)."""
+    """The LLM-server deployment seen from a separate ingress: the router picks the replica, whose
+    chunks come over the relay (router/token_relay.py), not as Ray objects."""
 
     def __init__(self, handle):
         self.handle = handle
+        self._receiver: RelayReceiver | None = None
 
     def open_stream(self, req: GenerateRequest):
-        return self.handle.options(stream=True).generate.remote(req)
+        if self._receiver is None:
+            import ray
+
+            self._receiver = RelayReceiver(ray.util.get_node_ip_address())
+        return RelayedStream(self.handle, self._receiver, req)
 
     async def re_isq(self, quantization: str, group_size: int | None, calibration: str | None = None) -> dict:
         return await self.handle.re_isq.remote(quantization, group_size, calibration)

@@ -32,8 +32,6 @@ def test_direct_shape_is_one_deployment_and_one_replica():
         ServeSettings(ingress="direct", replicas=2)
     with pytest.raises(ValidationError, match="one replica"):
         ServeSettings(ingress="direct", min_replicas=1, max_replicas=2)
-    with pytest.raises(ValidationError, match="needs ingress 'direct'"):
-        ServeSettings(direct_http=True)
 
 
 def test_direct_ingress_serves_the_same_api(direct, tiny_checkpoint):
