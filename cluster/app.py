@@ -7,7 +7,7 @@ from pathlib import Path
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from ..router.ingress import OpenAIIngress
+from ..router.ingress import DirectIngress, OpenAIIngress
 from ..router.llm_server import LLMServer
 from .serve_config import INGRESS_DEPLOYMENT, LLM_DEPLOYMENT
 from .settings import KEY_FIELDS, ServeSettings, keys_from_environment
@@ -107,9 +107,8 @@ def build_app(settings: ServeSettings) -> serve.Application:
     threads = settings.engine_threads() if settings.tensor_parallel_size == 1 else 1
     if settings.ingress == "direct":  # the LLM server is its own ingress: one deployment, named as the LLM server
         options = {k: v for k, v in _llm_deployment_options(settings).items() if k != "request_router_config"}
-        return serve.deployment(OpenAIIngress).options(**options).bind(
-            None, settings.ingress_options(model, name),
-            (settings.engine_config(model), threads, settings.stream_interval))
+        return serve.deployment(DirectIngress).options(**options).bind(
+            settings.ingress_options(model, name), (settings.engine_config(model), threads, settings.stream_interval))
     llm = serve.deployment(LLMServer).options(**_llm_deployment_options(settings)).bind(
         settings.engine_config(model), threads, stream_interval=settings.stream_interval
     )

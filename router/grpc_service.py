@@ -27,6 +27,7 @@ class GrpcGenerateMixin:
     pipeline: RequestPipeline
 
     def _grpc_request(self, request: generate_pb2.GenerateRequest, grpc_context) -> GenerateRequest:
+        self.pipeline.refuse_while_draining()
         metadata = dict(grpc_context.invocation_metadata() or ())
         self.pipeline.authorize(metadata.get("authorization", ""), "send authorization: Bearer <key> metadata")
         body = {name: getattr(request, name) for name in _OPTIONAL_FIELDS if request.HasField(name)}

@@ -157,6 +157,9 @@ class RemoteLLM:
     async def re_isq(self, quantization: str, group_size: int | None, calibration: str | None = None) -> dict:
         return await self.handle.re_isq.remote(quantization, group_size, calibration)
 
+    def current_loads(self) -> list[ReplicaLoad]:
+        return []  # the replicas' gauges come with their chunks
+
 
 class _LocalStream:
     """An in-process LLMServer.generate stream with the interface of a Serve streaming response."""
@@ -183,3 +186,6 @@ class LocalLLM:
 
     async def re_isq(self, quantization: str, group_size: int | None, calibration: str | None = None) -> dict:
         return await self.server.re_isq(quantization, group_size, calibration)
+
+    def current_loads(self) -> list[ReplicaLoad]:
+        return [self.server.load()]

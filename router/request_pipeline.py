@@ -11,7 +11,8 @@ protocols map the status onto their own (HTTP as is, gRPC through `grpc_status`)
 import asyncio
 import hmac
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
+from typing import Protocol
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ValidationError
@@ -23,7 +24,7 @@ from ..workers.prefix_hash import block_hashes
 from ..workers.request_checks import ContextLengthError, completion_budget, prompt_token_ids
 from ..workers.sampling_params import SamplingParams
 from ..workers.tokenizer import Tokenizer
-from .engine_api import GenerateChunk, GenerateRequest
+from .engine_api import GenerateChunk, GenerateRequest, ReplicaLoad
 from .metrics import ServingMetrics
 from .protocol import describe_validation_error, error_body
 from .request_log import RequestLog, RequestRecord
@@ -68,22 +69,45 @@ class PipelineModel:
     prompt_text: bool = False  # the router reads the prompt's text (GenerateRequest.prompt), not only hashes
 
 
-class RequestPipeline:
-    """`open_stream(request)` returns the replica's chunk stream for a GenerateRequest (an object with
-    `async for` and `cancel()`: a Serve streaming response in the ingress)."""
+class EngineClient(Protocol):
+    """How the pipeline reaches the engines (router/llm_server.py: RemoteLLM, LocalLLM)."""
 
-    def __init__(self, model: PipelineModel, open_stream: Callable, metrics: ServingMetrics, request_log: RequestLog,
+    def open_stream(self, req: GenerateRequest):
+        """The chunk stream of one request: an object with `async for` and `cancel()`."""
+
+    async def re_isq(self, quantization: str, group_size: int | None, calibration: str | None) -> dict: ...
+
+    def current_loads(self) -> list[ReplicaLoad]:
+        """The engines' loads as known now, for /metrics (may be empty)."""
+
+
+class RequestPipeline:
+    def __init__(self, model: PipelineModel, llm: EngineClient, metrics: ServingMetrics, request_log: RequestLog,
                  api_key: str | None = None, max_in_flight: int | None = None, admin_key: str | None = None):
         """`max_in_flight`: requests this pipeline streams at once, beyond which it answers 503 +
         Retry-After itself (for a shape where no Serve handle queue caps them: direct HTTP)."""
         self.model = model
-        self.open_stream = open_stream
+        self.llm = llm
         self.metrics = metrics
         self.request_log = request_log
         self.api_key = api_key
         self.admin_key = admin_key
         self.max_in_flight = max_in_flight
         self.in_flight = 0
+        self.draining = False
+
+    # ---- drain before the server stops (cluster/drain.py) --------------------------------------
+
+    def drain(self) -> int:
+        """From now on refuse new requests (HTTP, gRPC, /health) with 503 + Retry-After while the ones
+        in flight run to their end; returns how many are in flight. Idempotent; no way back."""
+        self.draining = True
+        return self.in_flight
+
+    def refuse_while_draining(self) -> None:
+        if self.draining:
+            raise ApiError(503, "the server is shutting down and takes no new requests; retry shortly",
+                           "server_error", "shutting_down")
 
     # ---- authorize, parse, tokenize, validate ------------------------------------------------
 
@@ -164,7 +188,7 @@ class RequestPipeline:
             stream = None
             finished = started = retrying = False
             try:
-                stream = self.open_stream(req)
+                stream = self.llm.open_stream(req)
                 async for chunk in stream:
                     record.on_chunk(chunk)
                     self.metrics.observe_load(chunk.load)
@@ -202,6 +226,11 @@ class RequestPipeline:
             await asyncio.sleep(RETRY_BACKOFF_S * attempt)  # only reached when retrying
 
     # ---- finish ----------------------------------------------------------------------------------
+
+    def observe_current_loads(self) -> None:
+        """The engines' gauges as they are now (not as the last chunk left them)."""
+        for load in self.llm.current_loads():
+            self.metrics.observe_load(load)
 
     def finish(self, record: RequestRecord, endpoint: str, status: int) -> None:
         """Count the request (every protocol, by endpoint and HTTP-equivalent status), observe its

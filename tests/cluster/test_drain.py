@@ -147,14 +147,14 @@ def test_the_drain_stops_waiting_at_its_bound_or_when_cut_short(monkeypatch):
 
 
 def test_the_ingress_refuses_new_requests_once_draining_and_reports_its_streams():
-    from mixserve.router.ingress import OpenAIIngress
-    from mixserve.router.request_pipeline import ApiError
+    from mixserve.router.request_pipeline import ApiError, RequestPipeline
 
-    ingress = SimpleNamespace(draining=OpenAIIngress.draining, pipeline=SimpleNamespace(in_flight=3))  # no model
-    OpenAIIngress._refuse_while_draining(ingress)  # serving: nothing refused
-    assert OpenAIIngress.drain(ingress) == 3 and ingress.draining
+    pipeline = RequestPipeline(model=None, llm=None, metrics=None, request_log=None)  # the drain needs none
+    pipeline.in_flight = 3
+    pipeline.refuse_while_draining()  # serving: nothing refused
+    assert pipeline.drain() == 3 and pipeline.draining
     with pytest.raises(ApiError) as refused:
-        OpenAIIngress._refuse_while_draining(ingress)
+        pipeline.refuse_while_draining()
     assert refused.value.status == 503 and refused.value.body["error"]["code"] == "shutting_down"
 
 
