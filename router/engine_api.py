@@ -5,7 +5,8 @@ LLM-server replicas. Plain dataclasses of lists and numbers: cheap to pickle acr
   chained hashes of the prompt's full blocks (workers/prefix_hash.py, the engine's own block size),
   which is how the router and the engine agree on what a prefix is.
 - The replica streams GenerateChunk objects: one per engine step that moved the request, the last
-  with `finished=True`. Each carries the replica's current load so the ingress can export it.
+  with `finished=True`, each naming the replica and the engine's stage times so far. The replica's
+  load (ReplicaLoad) travels apart, published after each engine step (router/token_relay.py).
 - `record_routing_stats()` of a replica returns a ReplicaRoutingStats as a dict.
 """
 
@@ -36,6 +37,9 @@ class ChoiceDelta:
 
 @dataclass(slots=True)
 class ReplicaLoad:
+    """A replica's engine load (workers/outputs.py EngineLoad, field for field) and what else its
+    gauges show."""
+
     replica: str
     num_running: int
     num_waiting: int
@@ -44,6 +48,8 @@ class ReplicaLoad:
     prefix_hits: int  # of which were cached (cumulative)
     preemptions: int  # cumulative
     weight_bytes: int = 0  # of one rank's weights, quantized codes and scales included
+    pending_prefill_tokens: int = 0  # prompt tokens admitted or waiting that are not computed yet
+    step_s: float = 0.0  # recent wall time of an engine step
 
     @property
     def idle(self) -> bool:
@@ -58,7 +64,9 @@ class GenerateChunk:
     finished: bool
     num_prompt_tokens: int
     num_cached_tokens: int
-    load: ReplicaLoad
+    replica: str
+    # (queue, prefill, decode) seconds in the engine so far (workers/outputs.py RequestTimes), None until known
+    engine_times: tuple[float | None, float | None, float | None] = (None, None, None)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first chunk, when requested
 
 

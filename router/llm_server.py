@@ -14,9 +14,11 @@ plain process, tests) the engine only reports itself unhealthy and `check_health
 """
 
 import asyncio
+import dataclasses
 import logging
 import os
 import threading
+import time
 
 import torch
 from ray import serve
@@ -28,9 +30,10 @@ from ..workers.engine_config import EngineConfig
 from ..workers.outputs import RequestOutput
 from ..workers.sampling_params import SamplingParams
 from .engine_api import ChoiceDelta, GenerateChunk, GenerateRequest, ReplicaLoad, ReplicaRoutingStats
-from .token_relay import RelayedStream, RelayReceiver, RelaySender
+from .token_relay import RelayedStream, RelayReceiver, RelaySender, encode_load
 
 EXIT_GRACE_S = 1.0  # after an engine failure: time for the error chunks to reach the ingress
+LOAD_PERIOD_S = 0.05  # at most this often a replica sends its load to the ingresses
 logger = logging.getLogger("ray.serve")
 
 
@@ -44,7 +47,11 @@ class LLMServer:
             in_serve = True
         except RayServeException:  # constructed outside Serve (in-process use, tests)
             self.replica_id, in_serve = "local", False
-        self.engine = AsyncLLMEngine(lambda: LLMEngine(engine_config), on_failure=self._leave if in_serve else None)
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop relayed requests run on (first one)
+        self._load_sent_at = 0.0
+        self._load_pending = False
+        self.engine = AsyncLLMEngine(lambda: LLMEngine(engine_config), on_failure=self._leave if in_serve else None,
+                                     on_load=self._on_load)
         engine = self.engine.engine
         logger.info("engine kernels: %s | weights %s: %.2f GiB per rank | torch threads %d",
                     describe_kernels(engine.kernel_report()), engine.weight_format.quantization,
@@ -59,13 +66,37 @@ class LLMServer:
         threading.Timer(EXIT_GRACE_S, os._exit, args=(1,)).start()
 
     def load(self) -> ReplicaLoad:
-        engine = self.engine.engine
-        sched = engine.scheduler
+        """The engine's load as the engine thread last published it (never its live scheduler)."""
+        load = self.engine.load
         return ReplicaLoad(
-            replica=self.replica_id, num_running=len(sched.running), num_waiting=len(sched.waiting),
-            kv_usage=engine.kv.usage, prefix_queries=sched.prefix_queries, prefix_hits=sched.prefix_hits,
-            preemptions=sched.num_preemptions, weight_bytes=engine.weight_bytes(),
+            replica=self.replica_id, num_running=load.num_running, num_waiting=load.num_waiting,
+            kv_usage=load.kv_usage, prefix_queries=load.prefix_queries, prefix_hits=load.prefix_hits,
+            preemptions=load.preemptions, weight_bytes=self.engine.engine.weight_bytes(),
+            pending_prefill_tokens=load.pending_prefill_tokens, step_s=load.step_s,
         )
+
+    # ---- publishing the load to the ingresses (router/token_relay.py) ---------------------------
+
+    def _on_load(self, _load) -> None:
+        """On the engine thread, after a step: have the relay loop send the new load."""
+        loop = self._loop
+        if loop is not None and not self._load_pending:
+            self._load_pending = True
+            try:
+                loop.call_soon_threadsafe(self._publish_load)
+            except RuntimeError:  # the loop has closed
+                pass
+
+    def _publish_load(self) -> None:
+        """Send the current load to every connected ingress, at most every LOAD_PERIOD_S (the last
+        load of a burst is always sent, so an engine that fell idle shows idle)."""
+        wait = self._load_sent_at + LOAD_PERIOD_S - time.monotonic()
+        if wait > 0:
+            self._loop.call_later(wait, self._publish_load)
+            return
+        self._load_pending = False
+        self._load_sent_at = time.monotonic()
+        self.relay.broadcast(encode_load(self.load()))
 
     def _chunk(self, out: RequestOutput, first: bool) -> GenerateChunk:
         choices = []
@@ -79,7 +110,8 @@ class LLMServer:
         return GenerateChunk(
             request_id=out.request_id, choices=choices, finished=out.finished,
             num_prompt_tokens=len(out.prompt_token_ids), num_cached_tokens=out.num_cached_tokens,
-            load=self.load(), prompt_logprobs=out.prompt_logprobs if first else None,
+            replica=self.replica_id, engine_times=out.times.durations() if out.times else (None, None, None),
+            prompt_logprobs=out.prompt_logprobs if first else None,
         )
 
     async def generate(self, request: GenerateRequest):
@@ -102,6 +134,7 @@ class LLMServer:
         """`generate`, with the chunks written to the ingress's relay receiver (request.reply_to)
         instead of streamed back through Ray (router/token_relay.py); returns when the last chunk is
         written. Raises what `generate` raises; an ingress that cannot be reached aborts the request."""
+        self._loop = self._loop or asyncio.get_running_loop()
         async for chunk in self.generate(request):
             await self.relay.send(request.reply_to, chunk)
 
@@ -120,6 +153,7 @@ class LLMServer:
         """Re-quantize this replica's weights from its checkpoint between steps (workers/engine.py
         `requantize`); raises EngineBusyError while requests are in flight, ValueError for a bad format."""
         weights = await self.engine.call(self.engine.engine.requantize, quantization, group_size, calibration)
+        self.relay.broadcast(encode_load(self.load()))  # the new weight bytes, to every ingress
         return {"replica": self.replica_id, "quantization": weights.quantization, "group_size": weights.group_size,
                 "calibration": weights.calibration, "weight_bytes": self.engine.engine.weight_bytes()}
 
@@ -155,10 +189,15 @@ class RemoteLLM:
         return RelayedStream(self.handle, self._receiver, req)
 
     async def re_isq(self, quantization: str, group_size: int | None, calibration: str | None = None) -> dict:
-        return await self.handle.re_isq.remote(quantization, group_size, calibration)
+        result = await self.handle.re_isq.remote(quantization, group_size, calibration)
+        load = self._receiver.loads.get(result["replica"]) if self._receiver else None
+        if load is not None:  # its next published load says the same; /metrics need not wait for it
+            self._receiver.loads[result["replica"]] = dataclasses.replace(load, weight_bytes=result["weight_bytes"])
+        return result
 
     def current_loads(self) -> list[ReplicaLoad]:
-        return []  # the replicas' gauges come with their chunks
+        """The loads the replicas published to this process's relay receiver."""
+        return [] if self._receiver is None else list(self._receiver.loads.values())
 
 
 class _LocalStream:

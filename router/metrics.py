@@ -1,11 +1,13 @@
 """Prometheus metrics of the API, served as text on /metrics of the API port.
 
 Names follow vLLM's (`vllm:` -> `mixserve:`) so existing dashboards map over. Request metrics are
-observed at the ingress; per-replica engine gauges come from the load each replica attaches to
-every chunk it streams (router/engine_api.py ReplicaLoad), labelled by replica. In the direct shape
-(the engine in the ingress's process) a scrape also reads the engine's load at that moment; behind a
-separate ingress a replica's gauges keep the last chunk's values until its next chunk (so after a
-stream abandoned mid-way they can show it as still running).
+observed at the ingress when a request ends; its stages come from two clocks: the engine's (queue,
+prefill, decode: router/engine_api.py GenerateChunk.engine_times) and the ingress's (time to first
+token, inter-token latency, end to end), and their difference is the time the request spent outside
+the engine (routing, Ray, the relay, HTTP): `request_time_outside_engine_seconds`, until its first
+token and until its end. Per-replica engine gauges show each replica's latest published load
+(router/engine_api.py ReplicaLoad, read at scrape time), labelled by replica; a replica that no
+longer publishes (gone) loses its series.
 """
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -33,6 +35,18 @@ class ServingMetrics:
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("mixserve:e2e_request_latency_seconds", "Request latency", ["model_name"],
                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("mixserve:request_queue_time_seconds", "Time in the engine's waiting queue",
+                                    ["model_name"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.prefill_time = Histogram("mixserve:request_prefill_time_seconds", "Time in the engine from first "
+                                      "scheduled to first token", ["model_name"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.decode_time = Histogram("mixserve:request_decode_time_seconds", "Time in the engine from first token "
+                                     "to the end", ["model_name"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.inference_time = Histogram("mixserve:request_inference_time_seconds", "Time in the engine's running "
+                                        "phase (prefill + decode)", ["model_name"], buckets=_LATENCY_BUCKETS,
+                                        registry=r)
+        self.outside_engine = Histogram("mixserve:request_time_outside_engine_seconds", "Time of a request outside "
+                                        "the engine (routing, Ray, relay, HTTP) until its first token or its end",
+                                        ["model_name", "until"], buckets=_LATENCY_BUCKETS, registry=r)
         labels = ["model_name", "replica"]
         self.running = Gauge("mixserve:num_requests_running", "Sequences running on the replica", labels, registry=r)
         self.waiting = Gauge("mixserve:num_requests_waiting", "Sequences waiting on the replica", labels, registry=r)
@@ -58,6 +72,13 @@ class ServingMetrics:
             if new > old:
                 counter.labels(*labels).inc(new - old)
         self._last_totals[load.replica] = tuple(max(o, n) for o, n in zip(before, now))
+
+    def observe_loads(self, loads: list[ReplicaLoad]) -> None:
+        """The replicas' gauges as published now; replicas absent from `loads` lose their series."""
+        for gone in set(self._last_totals) - {load.replica for load in loads}:
+            self.forget_replica(gone)
+        for load in loads:
+            self.observe_load(load)
 
     def forget_replica(self, replica: str) -> None:
         """Drop every series of a replica that died, so dashboards do not keep showing its last values."""

@@ -1,4 +1,6 @@
-"""One log line per request: id, replica, prompt/completion tokens, TTFT, total time, status.
+"""One log line per request: id, replica, prompt/completion tokens, status, and its stages: TTFT and
+total time as the ingress saw them, queue, prefill and decode time in the engine, and the time
+outside the engine (routing, Ray, relay, HTTP) until its first token and until its end.
 
 Written through the `mixserve.requests` logger and, when a path is given, appended as JSON lines.
 """
@@ -24,6 +26,11 @@ class RequestRecord:
     cached_tokens: int = 0
     ttft_s: float | None = None
     total_s: float = 0.0
+    queue_s: float | None = None  # in the engine (GenerateChunk.engine_times)
+    prefill_s: float | None = None
+    decode_s: float | None = None
+    outside_engine_first_token_s: float | None = None  # ttft - queue - prefill
+    outside_engine_s: float | None = None  # total - queue - prefill - decode
     status: str = ""
     http_status: int = 0
     finish_reasons: list = field(default_factory=list)
@@ -36,8 +43,9 @@ class RequestRecord:
 
     def on_chunk(self, chunk: GenerateChunk) -> None:
         now = time.perf_counter()
-        self.replica = chunk.load.replica
+        self.replica = chunk.replica
         self.cached_tokens = chunk.num_cached_tokens
+        self.queue_s, self.prefill_s, self.decode_s = chunk.engine_times
         new = sum(len(c.delta_token_ids) for c in chunk.choices)
         if new:
             if self.ttft_s is None:
@@ -53,6 +61,10 @@ class RequestRecord:
         self.http_status = http_status
         if not self.status:
             self.status = "ok" if http_status == 200 else "error"
+        if self.ttft_s is not None and self.queue_s is not None and self.prefill_s is not None:
+            self.outside_engine_first_token_s = max(0.0, self.ttft_s - self.queue_s - self.prefill_s)
+            if self.decode_s is not None and http_status == 200:
+                self.outside_engine_s = max(0.0, self.total_s - self.queue_s - self.prefill_s - self.decode_s)
 
     def observe(self, metrics) -> None:
         model = metrics.model
@@ -67,13 +79,23 @@ class RequestRecord:
                 metrics.itl.labels(model).observe(gap / tokens)
         if self.http_status == 200:
             metrics.e2e.labels(model).observe(self.total_s)
+        for histogram, value in ((metrics.queue_time, self.queue_s), (metrics.prefill_time, self.prefill_s),
+                                 (metrics.decode_time, self.decode_s)):
+            if value is not None:
+                histogram.labels(model).observe(value)
+        if self.prefill_s is not None and self.decode_s is not None:
+            metrics.inference_time.labels(model).observe(self.prefill_s + self.decode_s)
+        for until, value in (("first_token", self.outside_engine_first_token_s), ("end", self.outside_engine_s)):
+            if value is not None:
+                metrics.outside_engine.labels(model, until).observe(value)
         for reason in self.finish_reasons:
             metrics.request_success.labels(model, reason).inc()
 
     def line(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
-        d["ttft_s"] = None if self.ttft_s is None else round(self.ttft_s, 4)
-        d["total_s"] = round(self.total_s, 4)
+        for key in ("ttft_s", "total_s", "queue_s", "prefill_s", "decode_s", "outside_engine_first_token_s",
+                    "outside_engine_s"):
+            d[key] = None if d[key] is None else round(d[key], 6)
         return d
 
 

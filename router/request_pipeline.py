@@ -191,7 +191,6 @@ class RequestPipeline:
                 stream = self.llm.open_stream(req)
                 async for chunk in stream:
                     record.on_chunk(chunk)
-                    self.metrics.observe_load(chunk.load)
                     finished, started = chunk.finished, True
                     yield chunk
                 return
@@ -229,8 +228,7 @@ class RequestPipeline:
 
     def observe_current_loads(self) -> None:
         """The engines' gauges as they are now (not as the last chunk left them)."""
-        for load in self.llm.current_loads():
-            self.metrics.observe_load(load)
+        self.metrics.observe_loads(self.llm.current_loads())
 
     def finish(self, record: RequestRecord, endpoint: str, status: int) -> None:
         """Count the request (every protocol, by endpoint and HTTP-equivalent status), observe its

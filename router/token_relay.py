@@ -12,7 +12,9 @@ Rule:
    request id, so no chunk can arrive for an unknown request.
 2. The replica (`RelaySender`) connects once per receiver address, sends the secret first (a
    connection that does not is closed unread), then frames: 4-byte big-endian length + JSON. JSON,
-   not pickle: a frame is data, and the receiver never runs what it reads.
+   not pickle: a frame is data, and the receiver never runs what it reads. A frame holds a chunk or
+   the replica's load, which it publishes after its engine steps to every receiver it is connected
+   to (`RelayReceiver.loads`: /metrics and routing read it there).
 3. The replica's call returns after the request's last chunk was written to the connection; TCP keeps
    that connection's frames in order, so the ingress reads the last chunk (finished=True) before or
    soon after the call returns. A call that raises (the replica died, the request was refused or
@@ -22,6 +24,7 @@ Rule:
 """
 
 import asyncio
+import dataclasses
 import json
 import logging
 import secrets
@@ -48,32 +51,41 @@ def _token_logprob(v: list) -> TokenLogprob:
     return TokenLogprob(v[0], v[1], [tuple(t) for t in v[2]])
 
 
-def encode_chunk(chunk: GenerateChunk) -> bytes:
-    """One frame (length prefix included) holding a GenerateChunk."""
-    load = chunk.load
-    payload = {
-        "id": chunk.request_id, "fin": chunk.finished, "np": chunk.num_prompt_tokens, "nc": chunk.num_cached_tokens,
-        "ch": [[c.index, c.delta_text, c.delta_token_ids,
-                None if c.logprobs is None else [_logprob(e) for e in c.logprobs], c.finish_reason, c.stop_reason]
-               for c in chunk.choices],
-        "load": [load.replica, load.num_running, load.num_waiting, load.kv_usage, load.prefix_queries,
-                 load.prefix_hits, load.preemptions, load.weight_bytes],
-    }
-    if chunk.prompt_logprobs is not None:
-        payload["pl"] = [None if e is None else _logprob(e) for e in chunk.prompt_logprobs]
+def _frame(payload: dict) -> bytes:
     body = json.dumps(payload, separators=(",", ":")).encode()
     return _LENGTH.pack(len(body)) + body
 
 
-def decode_chunk(body: bytes) -> GenerateChunk:
+def encode_chunk(chunk: GenerateChunk) -> bytes:
+    """One frame (length prefix included) holding a GenerateChunk."""
+    payload = {
+        "id": chunk.request_id, "fin": chunk.finished, "np": chunk.num_prompt_tokens, "nc": chunk.num_cached_tokens,
+        "r": chunk.replica, "t": chunk.engine_times,
+        "ch": [[c.index, c.delta_text, c.delta_token_ids,
+                None if c.logprobs is None else [_logprob(e) for e in c.logprobs], c.finish_reason, c.stop_reason]
+               for c in chunk.choices],
+    }
+    if chunk.prompt_logprobs is not None:
+        payload["pl"] = [None if e is None else _logprob(e) for e in chunk.prompt_logprobs]
+    return _frame(payload)
+
+
+def encode_load(load: ReplicaLoad) -> bytes:
+    """One frame holding a replica's load (published after its engine steps)."""
+    return _frame({"load": dataclasses.astuple(load)})
+
+
+def decode(body: bytes) -> GenerateChunk | ReplicaLoad:
     p = json.loads(body)
+    if "load" in p:
+        return ReplicaLoad(*p["load"])
     choices = [ChoiceDelta(index=c[0], delta_text=c[1], delta_token_ids=c[2],
                            logprobs=None if c[3] is None else [_token_logprob(e) for e in c[3]],
                            finish_reason=c[4], stop_reason=c[5]) for c in p["ch"]]
     prompt_lp = p.get("pl")
     return GenerateChunk(
         request_id=p["id"], choices=choices, finished=p["fin"], num_prompt_tokens=p["np"], num_cached_tokens=p["nc"],
-        load=ReplicaLoad(*p["load"]),
+        replica=p["r"], engine_times=tuple(p["t"]),
         prompt_logprobs=None if prompt_lp is None else [None if e is None else _token_logprob(e) for e in prompt_lp],
     )
 
@@ -87,6 +99,7 @@ class RelayReceiver:
     def __init__(self, host: str):
         self.secret = secrets.token_hex(16)
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.loads: dict[str, ReplicaLoad] = {}  # each connected replica's latest published load
         self._loop = asyncio.new_event_loop()
         started = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(host, started), name="mixserve-relay", daemon=True)
@@ -110,6 +123,7 @@ class RelayReceiver:
         self._streams.pop(request_id, None)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        replicas = set()  # that published their load on this connection
         try:
             if (await reader.readexactly(len(self.secret))).decode(errors="replace") != self.secret:
                 return
@@ -117,14 +131,20 @@ class RelayReceiver:
                 (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
                 if length > MAX_FRAME_BYTES:
                     return
-                chunk = decode_chunk(await reader.readexactly(length))
-                entry = self._streams.get(chunk.request_id)
+                item = decode(await reader.readexactly(length))
+                if isinstance(item, ReplicaLoad):
+                    self.loads[item.replica] = item
+                    replicas.add(item.replica)
+                    continue
+                entry = self._streams.get(item.request_id)
                 if entry is not None:
-                    entry[0].call_soon_threadsafe(entry[1].put_nowait, chunk)
+                    entry[0].call_soon_threadsafe(entry[1].put_nowait, item)
         except (asyncio.IncompleteReadError, ConnectionError, ValueError, KeyError, IndexError, TypeError):
             pass  # the replica went away or sent garbage: its calls fail on their own
         finally:
             writer.close()
+            for replica in replicas:  # its process is gone (or will reconnect and publish again)
+                self.loads.pop(replica, None)
 
 
 class RelayedStream:
@@ -196,6 +216,15 @@ class RelaySender:
         except (ConnectionError, RuntimeError) as exc:
             self._connections.pop(reply_to[:2], None)
             raise ConnectionError(f"the ingress at {reply_to[0]}:{reply_to[1]} went away: {exc}") from exc
+
+    def broadcast(self, frame: bytes) -> None:
+        """Write a frame (a load) to every receiver this replica is connected to; a broken connection
+        is dropped (the next chunk for it opens a new one)."""
+        for key, writer in list(self._connections.items()):
+            if writer.is_closing():
+                self._connections.pop(key, None)
+            else:
+                writer.write(frame)
 
     async def _writer(self, reply_to: tuple[str, int, str]) -> asyncio.StreamWriter:
         key = (reply_to[0], reply_to[1])

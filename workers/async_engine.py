@@ -2,7 +2,9 @@
 callers await per-request streams of RequestOutput.
 
 The engine thread owns the engine (it is not thread-safe): requests, aborts and other calls reach
-it through an inbox it drains before each step. It never waits for the event loop: a step's reports
+it through an inbox it drains before each step. After each step (and after aborts that leave it
+idle) it publishes the engine's load as a new snapshot, `load`, which other threads read instead of
+the scheduler. It never waits for the event loop: a step's reports
 are handed to the loop with `call_soon_threadsafe` and the next step starts at once, so the loop's
 work on step N's outputs (chunks, serialization, sockets) overlaps step N+1's compute instead of
 adding to it. A reader that falls behind gets the reports it missed folded into one (deltas
@@ -32,7 +34,7 @@ from itertools import count
 import torch
 
 from .engine import LLMEngine
-from .outputs import RequestOutput
+from .outputs import EngineLoad, RequestOutput
 from .sampling_params import SamplingParams
 
 def fold_reports(earlier: RequestOutput, later: RequestOutput | BaseException) -> RequestOutput | BaseException:
@@ -56,10 +58,14 @@ class RequestFailedError(RuntimeError):
 
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine | Callable[[], LLMEngine],
-                 on_failure: Callable[[BaseException], None] | None = None):
+                 on_failure: Callable[[BaseException], None] | None = None,
+                 on_load: Callable[[EngineLoad], None] | None = None):
         """`engine`: an engine, or a function that builds one on the engine thread (the thread rule
-        above; the constructor waits for it and raises what it raised)."""
+        above; the constructor waits for it and raises what it raised). `on_load(load)` runs on the
+        engine thread each time it publishes a new `load` (keep it short: hand the load on)."""
         self._on_failure = on_failure
+        self._on_load = on_load
+        self.load = EngineLoad()  # the engine's state after its last step (or abort), replaced whole
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # (fn, concurrent Future) run on the engine thread
         self._aborts: set[str] = set()
         self._aborts_lock = threading.Lock()
@@ -159,6 +165,8 @@ class AsyncLLMEngine:
             for request_id in aborts:
                 self.engine.abort_request(request_id)
             if self._error is not None or not self.engine.has_unfinished_requests():
+                if aborts:
+                    self._publish_load()
                 if self._inbox.empty():
                     self._wake.wait()
                 continue
@@ -171,6 +179,14 @@ class AsyncLLMEngine:
                     self._on_failure(exc)
                 continue
             self._deliver(outputs)
+            self._publish_load()
+
+    def _publish_load(self) -> None:
+        load = self.engine.load()
+        if load != self.load:
+            self.load = load
+            if self._on_load is not None:
+                self._on_load(load)
 
     def _run_inbox(self) -> None:
         while True:

@@ -17,6 +17,7 @@ blocking convenience over those three. Not thread-safe: one thread drives an eng
 import dataclasses
 import logging
 import random
+import time
 from dataclasses import dataclass
 from itertools import count
 
@@ -29,7 +30,7 @@ from .kv_cache_manager import KVCacheManager
 from .loader import WeightFormat, check_shardable
 from .model_runner import CacheShape, kv_bytes_per_block
 from .model_source import resolve_model
-from .outputs import CompletionOutput, RequestOutput
+from .outputs import CompletionOutput, EngineLoad, RequestOutput, RequestTimes
 from .request_checks import completion_budget, max_model_len, prompt_token_ids
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledChunk, Scheduler
@@ -52,6 +53,13 @@ class EngineStats:
     prompt_tokens_computed: int = 0  # prompt positions actually run through the model
     generation_tokens: int = 0
     finished_requests: int = 0
+
+
+@dataclass(slots=True)
+class _Request:
+    prompt: str | None  # as given, when it was text
+    seqs: list[Sequence]  # one per choice (n)
+    times: RequestTimes
 
 
 def describe_kernels(report: dict) -> str:
@@ -84,7 +92,8 @@ class LLMEngine:
         self.weight_format = config.weight_format()
         self._weight_bytes = self.executor.weight_bytes()
         self.stats = EngineStats()
-        self._requests: dict[str, tuple[str | None, list[Sequence]]] = {}
+        self._requests: dict[str, _Request] = {}
+        self._step_s = 0.0
         self._seq_ids = count()
         self._seed_rng = random.Random(config.seed)
 
@@ -114,7 +123,8 @@ class LLMEngine:
             if params.prompt_logprobs is not None:
                 seq.prompt_logprobs = [None]
             seqs.append(seq)
-        self._requests[request_id] = (prompt if isinstance(prompt, str) else None, seqs)
+        self._requests[request_id] = _Request(prompt if isinstance(prompt, str) else None, seqs,
+                                              RequestTimes(time.monotonic()))
         for seq in seqs:
             self.scheduler.add(seq)
         self.stats.prompt_tokens += len(ids)
@@ -123,7 +133,7 @@ class LLMEngine:
         """Stop a request now and free its KV blocks; returns its final report (None if unknown)."""
         if request_id not in self._requests:
             return None
-        for seq in self._requests[request_id][1]:
+        for seq in self._requests[request_id].seqs:
             if not seq.is_finished:
                 seq.finish_reason = "abort"
                 self.scheduler.finish(seq)
@@ -190,6 +200,11 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled.chunks:
             return []
+        started = time.monotonic()
+        for chunk in scheduled.chunks:
+            times = self._requests[chunk.seq.request_id].times
+            if times.first_scheduled is None:
+                times.first_scheduled = started
         result = self.executor.execute(StepInput([self._chunk_input(c) for c in scheduled.chunks]))
         touched: dict[str, None] = {}
         failed: dict[str, str] = {}
@@ -209,13 +224,29 @@ class LLMEngine:
             self._fail_request(request_id, message, scheduled.chunks)
         self.stats.steps += 1
         self.stats.prompt_tokens_computed += self.scheduler.postprocess(scheduled)
+        now = time.monotonic()
+        for request_id in touched:
+            times = self._requests[request_id].times
+            if times.first_token is None:
+                times.first_token = now
+        step_s = now - started
+        self._step_s = step_s if self._step_s == 0 else 0.8 * self._step_s + 0.2 * step_s
         return [self._report(rid) for rid in touched]
+
+    def load(self) -> EngineLoad:
+        """The engine's state now (cheap: one pass over the queued sequences)."""
+        sched = self.scheduler
+        pending = sum(max(0, s.num_prompt_tokens - s.num_computed_tokens) for s in sched.running)
+        pending += sum(s.num_prompt_tokens - s.num_cached_prompt_tokens for s in sched.waiting)
+        return EngineLoad(num_running=len(sched.running), num_waiting=len(sched.waiting), kv_usage=self.kv.usage,
+                          pending_prefill_tokens=pending, prefix_queries=sched.prefix_queries,
+                          prefix_hits=sched.prefix_hits, preemptions=sched.num_preemptions, step_s=self._step_s)
 
     def _fail_request(self, request_id: str, message: str, chunks: list[ScheduledChunk]) -> None:
         """Finish every sequence of a request whose own processing raised (the failure rule): the
         ones in this step are retired by `postprocess`, the others (its other choices) now."""
         in_step = {c.seq for c in chunks}
-        for seq in self._requests[request_id][1]:
+        for seq in self._requests[request_id].seqs:
             seq.error = seq.error or message
             if not seq.is_finished:
                 seq.finish_reason = "error"
@@ -264,7 +295,8 @@ class LLMEngine:
             seq.delta_text += detok.flush()
 
     def _report(self, request_id: str) -> RequestOutput:
-        prompt, seqs = self._requests[request_id]
+        request = self._requests[request_id]
+        seqs, times = request.seqs, request.times
         outputs = []
         for seq in seqs:
             outputs.append(
@@ -280,12 +312,14 @@ class LLMEngine:
         if finished:
             del self._requests[request_id]
             self.stats.finished_requests += 1
+            times.finished = time.monotonic()
         first = seqs[0]
         return RequestOutput(
-            request_id=request_id, prompt=prompt, prompt_token_ids=first.prompt_token_ids, outputs=outputs,
+            request_id=request_id, prompt=request.prompt, prompt_token_ids=first.prompt_token_ids, outputs=outputs,
             finished=finished, num_cached_tokens=first.num_cached_prompt_tokens,
             prompt_logprobs=list(first.prompt_logprobs) if first.params.prompt_logprobs is not None else None,
             error=next((s.error for s in seqs if s.error is not None), None),
+            times=dataclasses.replace(times),
         )
 
     # ---- convenience ----------------------------------------------------------------------

@@ -213,6 +213,59 @@ def test_each_request_is_logged_as_one_json_line(server, client):
     assert any(line["http_status"] == 401 for line in lines)
 
 
+STAGES = {  # histogram -> the request log's field (router/request_log.py)
+    "mixserve:request_queue_time_seconds": "queue_s",
+    "mixserve:request_prefill_time_seconds": "prefill_s",
+    "mixserve:request_decode_time_seconds": "decode_s",
+    "mixserve:time_to_first_token_seconds": "ttft_s",
+}
+
+
+def _histogram_totals(url) -> dict:
+    """{(histogram name, labels): (sum, count)} from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals = {}
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text):
+        for sample in family.samples:
+            if sample.name.endswith(("_sum", "_count")):
+                key = (sample.name.rsplit("_", 1)[0], tuple(sorted((k, v) for k, v in sample.labels.items()
+                                                                    if k != "model_name")))
+                sums = totals.setdefault(key, [0.0, 0.0])
+                sums[0 if sample.name.endswith("_sum") else 1] += sample.value
+    return totals
+
+
+def test_stage_histograms_move_and_their_sums_match_the_request_log(server, client):
+    """Queue, prefill and decode time in the engine, time to first token, and the time outside the
+    engine (until the first token and the end): each request's stages are in its log line, and the
+    histograms' sums are the sums over those lines."""
+    url, _, log = server
+    before = _histogram_totals(url)
+    model = _model(client)
+    client.completions.create(model=model, prompt="stage one", max_tokens=6)
+    list(client.completions.create(model=model, prompt="stage two", max_tokens=6, stream=True))
+    client.chat.completions.create(model=model, messages=[{"role": "user", "content": "stage three"}], max_tokens=4)
+    after = _histogram_totals(url)
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    last = lines[-3:]
+    assert all(line["status"] == "ok" for line in last)
+    for line in last:
+        assert line["queue_s"] >= 0 and line["prefill_s"] > 0 and line["decode_s"] > 0
+        assert 0 <= line["outside_engine_first_token_s"] <= line["ttft_s"]
+        assert 0 <= line["outside_engine_s"] <= line["total_s"]
+    fields = {**{(name, ()): field for name, field in STAGES.items()},
+              ("mixserve:request_time_outside_engine_seconds", (("until", "first_token"),)):
+                  "outside_engine_first_token_s",
+              ("mixserve:request_time_outside_engine_seconds", (("until", "end"),)): "outside_engine_s"}
+    for key, field in fields.items():
+        moved = after[key][1] - before.get(key, (0.0, 0.0))[1]
+        assert moved == 3, (key, moved)  # every request observed once
+        logged = [line[field] for line in lines if line.get(field) is not None]
+        assert after[key][1] == len(logged), key
+        assert abs(after[key][0] - sum(logged)) < 1e-5 * len(logged) + 1e-9, (key, after[key][0], sum(logged))
+
+
 def _grpc_stub(settings):
     import grpc
 

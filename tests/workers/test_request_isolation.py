@@ -82,7 +82,7 @@ def test_a_request_whose_detokenization_raises_fails_alone(tiny_checkpoint, prom
     ids = [f"r{i}" for i in range(BATCH)]
     for rid, prompt, i in zip(ids, prompts, range(BATCH)):
         engine.add_request(rid, prompt, _params(i))
-    seq = engine._requests[ids[BAD]][1][0]
+    seq = engine._requests[ids[BAD]].seqs[0]
     victims.append(seq.detokenizer)
     self_prompt_len.append(len(prompts[BAD]))
     final = {}
