@@ -16,12 +16,14 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from ..workers.engine import EngineBusyError
 from ..workers.model_runner import WeightReloadError
 from .engine_api import GenerateRequest
 from .openai_format import ResponseBuilder
-from .protocol import ChatCompletionRequest, CompletionRequest, ReIsqRequest
+from .protocol import ChatCompletionRequest, CompletionRequest, ReIsqRequest, error_body
 from .request_log import RequestRecord
 from .request_pipeline import ApiError, RequestPipeline, remote_message
 
@@ -33,10 +35,13 @@ async def json_body(request: Request, limit: int) -> dict:
     if declared and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
     raw = bytearray()
-    async for part in request.stream():
-        raw += part
-        if len(raw) > limit:
-            raise ApiError(413, f"request body exceeds the limit of {limit} bytes")
+    try:
+        async for part in request.stream():
+            raw += part
+            if len(raw) > limit:
+                raise ApiError(413, f"request body exceeds the limit of {limit} bytes")
+    except ClientDisconnect:
+        raise ApiError(499, "client closed the request") from None
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, an integer of over 4300 digits
@@ -82,6 +87,11 @@ def build_api(pipeline: RequestPipeline, max_body_bytes: int = 1 << 20) -> FastA
     async def _api_error(request: Request, exc: ApiError):
         headers = {"Retry-After": "1", **exc.headers} if exc.status == 503 else exc.headers
         return JSONResponse(exc.body, status_code=exc.status, headers=headers)
+
+    @api.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException):  # unknown path, wrong method: OpenAI's shape
+        return JSONResponse(error_body(str(exc.detail), "invalid_request_error", exc.status_code),
+                            status_code=exc.status_code, headers=exc.headers)
 
     async def respond(request: Request, endpoint: str, handler) -> Response:
         record = RequestRecord(endpoint=endpoint)

@@ -24,10 +24,6 @@ MAX_PROMPT_TOKENS = 1 << 20  # a token-id prompt
 MAX_MESSAGES = 1024
 MAX_CONTENT_PARTS = 256
 MAX_NAME_CHARS = 256  # model, user, role-like names
-# A temperature below this samples as greedy (vLLM's _SAMPLING_EPS). Dividing float32 logits by a
-# temperature under ~1e-37 overflows to inf and the probabilities become NaN (the sampler then picked
-# token 0, <unk>, every time); anything this small is greedy in all but name.
-GREEDY_TEMPERATURE = 1e-5
 _LIMITS = ConfigDict(extra="ignore", allow_inf_nan=False, hide_input_in_errors=True)
 
 StopString = Annotated[str, Field(max_length=MAX_STOP_STRING_CHARS)]
@@ -75,8 +71,7 @@ class _SamplingFields(BaseModel):
         """Keyword arguments of workers.sampling_params.SamplingParams."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return dict(
-            n=self.n, max_tokens=max_tokens, top_p=self.top_p,
-            temperature=self.temperature if self.temperature >= GREEDY_TEMPERATURE else 0.0,
+            n=self.n, max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
             top_k=self.top_k if self.top_k > 0 else -1, seed=self.seed, stop=stop,
             stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,

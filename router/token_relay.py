@@ -158,6 +158,7 @@ class RelayedStream:
         request.reply_to = receiver.address
         self._response = handle.generate_relayed.remote(request)
         self._call = asyncio.ensure_future(self._await_call())
+        self._call.add_done_callback(_retrieve)  # a call cancelled or failed after the reader left: no warning
         self._finished = False
 
     async def _await_call(self):
@@ -193,7 +194,13 @@ class RelayedStream:
     def cancel(self) -> None:
         if not self._finished:
             self._response.cancel()
+            self._call.cancel()
         self._receiver.unregister(self._request_id)
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 # ---- the replica's side --------------------------------------------------------------------------

@@ -18,6 +18,9 @@ MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 1024  # the detokenizer searches the text not yet emitted, at most this long
 MAX_STOP_TOKEN_IDS = 1024  # checked by set membership per token
+# A temperature below this samples as greedy (vLLM's rule): float32 logits divided by a temperature
+# under ~1e-37 overflow to inf and the probabilities become NaN; anything this small is greedy anyway.
+GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass(slots=True)
@@ -49,6 +52,8 @@ class SamplingParams:
             raise ValueError("stop_token_ids must be integers in [0, 2^63)")
         self.stop_token_ids = frozenset(ids)
         self._check()
+        if self.temperature < GREEDY_TEMPERATURE:
+            self.temperature = 0.0
 
     def _check(self) -> None:
         if not _is_int(self.n) or self.n < 1:

@@ -34,7 +34,7 @@ are the oracle of what the server reads from a body (`Expect`: stream, n, max_to
   surrogates, duplicate keys, over-long numbers, non-object JSON, oversized and chunked bodies, odd
   content types;
 - `abandoned`: a valid request whose client leaves (a stream after its first bytes, else after 30 ms);
-- wrong methods and unknown paths (KNOWN, see below).
+- wrong methods and unknown paths.
 Both endpoints, streamed and not. On a 200 also: no stop string in the text, at most n x max_tokens
 tokens, and exactly max_tokens when a single choice finished by length.
 
@@ -52,11 +52,12 @@ count (max_examples) and time (nothing is sent after MIXSERVE_FUZZ_TIME_S), and 
 Environment (a longer run by hand, e.g. MIXSERVE_FUZZ_REQUESTS=50000 MIXSERVE_FUZZ_TIME_S=3000 with
 `-o timeout=3600`): MIXSERVE_FUZZ_REQUESTS (5000), MIXSERVE_FUZZ_SEED (0), MIXSERVE_FUZZ_CONCURRENCY
 (32), MIXSERVE_FUZZ_TIME_S (100: the sending budget), MIXSERVE_FUZZ_KV_CACHE_BYTES (unset:
-serve_helpers.start's; 1048576 makes preemption common), MIXSERVE_FUZZ_KNOWN=1 also asserts the KNOWN
-failures (found, not fixed: their code is not this module's to edit), which are otherwise excused
-alone, never a 5xx: wrong methods and unknown paths get FastAPI's {"detail": ...} body instead of
-OpenAI's error body (KNOWN_PROBLEMS), and two unhandled exceptions logged when clients go away
-(KNOWN_LOGGED).
+serve_helpers.start's; 1048576 makes preemption common).
+
+Found by this fuzzer and fixed: a temperature under ~1e-37 sampled garbage (now greedy below 1e-5),
+FastAPI's {"detail": ...} body on 404/405 (now OpenAI's error body), an unhandled ClientDisconnect
+when a client left while its body was read (now 499), and a relayed call cancelled after its reader
+left whose error nothing retrieved.
 """
 
 import asyncio
@@ -84,7 +85,7 @@ from pydantic.fields import FieldInfo
 from ray import serve
 
 from mixserve.router.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
-from mixserve.workers.sampling_params import MAX_LOGPROBS, MAX_N
+from mixserve.workers.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
 
 from .serve_helpers import llm_stats, start, stop, wait_until_idle
 
@@ -92,7 +93,6 @@ REQUESTS = int(os.environ.get("MIXSERVE_FUZZ_REQUESTS", "5000"))
 SEED = int(os.environ.get("MIXSERVE_FUZZ_SEED", "0"))
 CONCURRENCY = int(os.environ.get("MIXSERVE_FUZZ_CONCURRENCY", "32"))
 TIME_S = float(os.environ.get("MIXSERVE_FUZZ_TIME_S", "100"))
-CHECK_KNOWN = os.environ.get("MIXSERVE_FUZZ_KNOWN") == "1"
 # the server's KV cache (bytes); unset: serve_helpers.start's. A small one (1 MiB) makes preemption common.
 KV_CACHE_BYTES = int(os.environ["MIXSERVE_FUZZ_KV_CACHE_BYTES"]) if os.environ.get("MIXSERVE_FUZZ_KV_CACHE_BYTES") \
     else None
@@ -188,7 +188,6 @@ class Case:
     content_type: str | None = "application/json"
     chunked: bool = False  # sent with Transfer-Encoding: chunked (no Content-Length)
     expect: Expect | None = None
-    known: str = ""  # a KNOWN failure this case may hit (asserted only with MIXSERVE_FUZZ_KNOWN=1)
     abandon: bool = False  # the client goes away: a stream after its first bytes, else after ABANDON_S
     twin: bytes | None = None  # the same body streamed: sent after `content`, the texts must be equal
 
@@ -553,9 +552,8 @@ def raw_case():
 
 
 def wrong_method_case():
-    """Wrong methods and unknown paths. KNOWN: FastAPI answers these with {"detail": ...}, not OpenAI's error
-    body (router/ingress.py registers no handler for Starlette's HTTPException)."""
-    return st.builds(lambda m, p: Case(p, b"", "raw", method=m, content_type=None, known="fastapi-detail-body"),
+    """Wrong methods and unknown paths: a 404/405 with OpenAI's error body."""
+    return st.builds(lambda m, p: Case(p, b"", "raw", method=m, content_type=None),
                      st.sampled_from(["GET", "PUT", "DELETE", "PATCH", "POST"]),
                      st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/completion", "/v1/nope",
                                       "/v1/chat/completions/", "/v2/completions"])).filter(
@@ -859,24 +857,6 @@ def check(case: Case, out: Outcome) -> list[str]:
     return []
 
 
-# A KNOWN failure excuses only its own problem, and only without MIXSERVE_FUZZ_KNOWN=1.
-KNOWN_PROBLEMS = {
-    # router/ingress.py: no handler for Starlette's HTTPException, so 404/405 carry FastAPI's own body
-    "fastapi-detail-body": lambda problem: "without OpenAI's error body" in problem and "{\"detail\":" in problem,
-}
-
-
-# Unhandled exceptions in the server's logs (the traceback's header and exception), found and not yet fixed;
-# excused without MIXSERVE_FUZZ_KNOWN=1. Both come from clients that go away (the `abandoned` cases).
-KNOWN_LOGGED = {
-    # router/api.py json_body (before: router/ingress.py _json_body) reads the body with request.stream(); a
-    # client that leaves before its body is read raises ClientDisconnect out of the endpoint: an unhandled
-    # exception (a 500 no one receives), and respond() neither counts nor logs the request
-    "client-disconnect-in-json-body": ("Exception in ASGI application", "starlette.requests.ClientDisconnect"),
-    # router/token_relay.py RelayedStream._await_call: the task awaiting a cancelled stream's Serve call
-    # ends with RequestCancelledError that nothing retrieves
-    "relay-cancel-never-retrieved": ("Task exception was never retrieved", "RequestCancelledError"),
-}
 
 
 def server_log_exceptions() -> Counter:
@@ -903,15 +883,6 @@ def server_log_exceptions() -> Counter:
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
-def unexcused(case: Case, problems: list[str], seen: Counter | None = None) -> list[str]:
-    if CHECK_KNOWN or not case.known:
-        return problems
-    left = [p for p in problems if not KNOWN_PROBLEMS[case.known](p)]
-    if seen is not None and len(left) < len(problems):
-        seen[case.known] += 1
-    return left
-
-
 # ---- the server and the run -----------------------------------------------------------------------------
 
 
@@ -922,7 +893,6 @@ class Tally:
     kinds: Counter = field(default_factory=Counter)
     replicas: set = field(default_factory=set)
     failures: list = field(default_factory=list)  # (example index, case, problems)
-    known: Counter = field(default_factory=Counter)  # KNOWN failures seen (asserted with MIXSERVE_FUZZ_KNOWN=1)
     slowest: float = 0.0
     slowest_case: Case | None = None
     wall_s: float = 0.0
@@ -937,17 +907,16 @@ class Tally:
             self.statuses[(str(out.twin.status) if out.twin.error is None else "error") + "-sse"] += 1
         if out.status == 200 and "x-mixserve-replica" in out.headers:
             self.replicas.add(out.headers["x-mixserve-replica"])
-        problems = unexcused(case, check(case, out), self.known)
+        problems = check(case, out)
         if problems:
             self.failures.append((index, case, problems))
         return problems
 
     def summary(self) -> str:
         hist = ", ".join(f"{k}: {v}" for k, v in sorted(self.statuses.items()))
-        known = f"; KNOWN failures not asserted: {dict(self.known)}" if self.known else ""
         return (f"fuzz: seed {SEED}, {self.sent} requests in {self.wall_s:.1f} s "
                 f"({self.sent / max(self.wall_s, 1e-9):.0f}/s, concurrency {CONCURRENCY}); kinds {dict(self.kinds)}; "
-                f"statuses {{{hist}}}; failures {len(self.failures)}{known}; "
+                f"statuses {{{hist}}}; failures {len(self.failures)}; "
                 f"slowest {self.slowest:.2f} s: {self.slowest_case!r:.300}")
 
 
@@ -988,9 +957,9 @@ def test_a_tiny_temperature_samples_as_greedy(temperature):
     inf, the probabilities became NaN and every token was id 0 (<unk>, logprob -45). The API now samples a
     temperature below 1e-5 as greedy (vLLM's rule)."""
     body = CompletionRequest.model_validate({"prompt": "x", "temperature": temperature})
-    assert body.sampling_kwargs(4)["temperature"] == 0.0
+    assert SamplingParams(**body.sampling_kwargs(4)).temperature == 0.0
     just_above = CompletionRequest.model_validate({"prompt": "x", "temperature": 1e-5})
-    assert just_above.sampling_kwargs(4)["temperature"] == 1e-5
+    assert SamplingParams(**just_above.sampling_kwargs(4)).temperature == 1e-5
 
 
 def test_a_tiny_temperature_gives_the_greedy_text(fuzz_server):
@@ -1078,7 +1047,7 @@ def _replay_failures(sender: Sender, strategy, failures: list) -> None:
                 return
             if case.content != wanted[i]:
                 state["drifted"].append(i)
-        problems = unexcused(case, check(case, sender.send(case)))
+        problems = check(case, sender.send(case))
         if problems:
             state["shrinking"] = True
             raise AssertionError(f"{case!r}\n    -> " + "\n    -> ".join(problems))
@@ -1095,12 +1064,7 @@ def test_no_unhandled_exception_in_the_server_logs(fuzz_server):
     """Every exception a request caused was handled: a 500 that no client received (it had gone) is still one.
     Runs after the fuzz test (module order), on this module's own Ray session."""
     found = server_log_exceptions()
-    known = {k: n for k, n in found.items() for name, (header, exc) in KNOWN_LOGGED.items()
-             if header in k and exc in k and not CHECK_KNOWN}
-    if known:
-        print(f"\nKNOWN unhandled exceptions in the server logs, not asserted: {known}")
-    left = {k: n for k, n in found.items() if k not in known}
-    assert not left, f"unhandled exceptions in the server logs: {left}"
+    assert not found, f"unhandled exceptions in the server logs: {found}"
 
 
 def test_the_engine_survived_unchanged(fuzz_server):
