@@ -79,9 +79,11 @@ def _llm_deployment_options(s: ServeSettings) -> dict:
         options["placement_group_bundles"] = [{"CPU": s.replica_cpus}] + [rank] * s.tensor_parallel_size
         options["placement_group_strategy"] = s.placement_strategy
     if s.prefix_routing:
+        ours = s.prefix_router == "mixserve"
         options["request_router_config"] = RequestRouterConfig(
-            request_router_class=PREFIX_ROUTER if s.prefix_router == "mixserve" else RAY_PREFIX_ROUTER,
-            request_router_kwargs={"imbalanced_threshold": s.imbalanced_threshold},
+            request_router_class=PREFIX_ROUTER if ours else RAY_PREFIX_ROUTER,
+            request_router_kwargs={"load_tokens": s.routing_load_tokens, "block_size": s.block_size} if ours
+            else {"imbalanced_threshold": s.imbalanced_threshold},
             request_routing_stats_period_s=s.routing_stats_period_s,
         )
     return options

@@ -137,7 +137,12 @@ class ServeSettings(BaseModel):
         "mixserve", description="with prefix routing: mixserve's router (the KV blocks each replica holds, by the "
         "engine's own block hashes) or Ray Serve LLM's PrefixCacheAffinityRouter (a prefix tree of the prompts' "
         "text it routed)")
-    imbalanced_threshold: int = Field(8, ge=0)
+    routing_load_tokens: float = Field(
+        16.0, ge=0, description="mixserve's router: a request in flight on a replica costs this many prompt tokens of "
+        "prefill when choosing where a prompt goes (router/prefix_router.py): lower keeps prefixes on their replicas "
+        "longer, higher balances load sooner")
+    imbalanced_threshold: int = Field(8, ge=0, description="Ray's router: in-flight requests beyond the least "
+                                      "loaded replica at which it stops routing by prefix")
     routing_stats_period_s: float = Field(2.0, gt=0)
     # API
     host: str = "127.0.0.1"

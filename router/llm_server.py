@@ -30,7 +30,7 @@ from ..workers.engine_config import EngineConfig
 from ..workers.outputs import RequestOutput
 from ..workers.sampling_params import SamplingParams
 from .engine_api import ChoiceDelta, GenerateChunk, GenerateRequest, ReplicaLoad, ReplicaRoutingStats
-from .token_relay import RelayedStream, RelayReceiver, RelaySender, encode_load
+from .token_relay import RelayedStream, RelayReceiver, RelaySender, encode_load, relay_receiver
 
 EXIT_GRACE_S = 1.0  # after an engine failure: time for the error chunks to reach the ingress
 LOAD_PERIOD_S = 0.05  # at most this often a replica sends its load to the ingresses
@@ -185,7 +185,7 @@ class RemoteLLM:
         if self._receiver is None:
             import ray
 
-            self._receiver = RelayReceiver(ray.util.get_node_ip_address())
+            self._receiver = relay_receiver(ray.util.get_node_ip_address())
         return RelayedStream(self.handle, self._receiver, req)
 
     async def re_isq(self, quantization: str, group_size: int | None, calibration: str | None = None) -> dict:

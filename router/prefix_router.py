@@ -1,25 +1,32 @@
-"""Prefix-aware request routing: send a prompt to the replica whose KV cache most likely holds its
-prefix, unless that replica is overloaded. A Ray Serve RequestRouter (configured with
-`request_router_config` on the LLM-server deployment); it runs inside every caller (the ingress).
+"""Prefix-aware request routing by predicted time to first token: send a prompt where its first
+token is expected soonest, which is where its prefix is cached unless that replica has too much work.
+A Ray Serve RequestRouter (configured with `request_router_config` on the LLM-server deployment); it
+runs inside every caller (the ingress).
 
 The prompt's prefix is `GenerateRequest.block_hashes` (router/engine_api.py): the chained hashes of
 its full KV blocks, computed as the engine's prefix cache does (workers/prefix_hash.py). Hash i held
 by a replica means the replica has seen the prompt's whole prefix up to the end of block i.
 
-Rule, for a request with block hashes H and candidate replicas with queue lengths q(r) (Serve's
-count of requests a replica is working on, as the caller's router knows it):
+Rule, for a request of P prompt tokens with block hashes H, over the candidate replicas r:
 
-1. Load. A replica is *eligible* for affinity when q(r) <= min_r q + `imbalanced_threshold`.
-   With two replicas this is exactly "the load is balanced when max - min queue length <=
-   imbalanced_threshold"; with more, one hot replica only loses its own affinity instead of
-   switching affinity off for everyone.
-2. Affinity. The match of a replica is the number of leading hashes of H it is known to hold
-   (see Memory). Among eligible replicas take the longest match; ties go to the lower queue, then
-   to the replica with the smaller known cache, then at random. If that match is at least
-   `min_match_blocks`, route there.
-3. Fallback. Otherwise (no eligible replica matches enough, e.g. a new prefix, or the matching
-   replicas are overloaded) route to the least-loaded candidate; ties go to the smaller known
-   cache (this spreads new prefixes over the replicas), then at random.
+    cost(r) = pending(r) + unmatched(r) + load_tokens * queue(r)
+
+in prompt tokens of prefill, a proxy for the time to first token on r:
+- unmatched(r) = P - block_size * match(r): the prompt tokens r would compute, where match(r) is the
+  number of leading hashes of H it is known to hold (see Memory), counted only from
+  `min_match_blocks` on;
+- pending(r): prompt tokens r has queued or is prefilling for other requests, not computed yet
+  (the load the replica publishes after each engine step, router/token_relay.py; 0 if unknown);
+- queue(r): requests r is working on (Serve's count, as this caller's router knows it, counting
+  the choices it just made); each delays a new request by `load_tokens` tokens' worth (its rows in
+  every step and its share of the step's token budget) - the term that spreads load.
+The replica with the lowest cost wins; ties go to the lower queue, then to the replica with the
+smaller known cache (this spreads new prefixes over the replicas), then at random. So a cached prefix
+of S tokens keeps its requests on its replica until that replica is S / load_tokens requests busier
+than another, and an empty replica (one autoscaling just added) takes requests as soon as the others
+are that much busier; once it has served a prefix, it matches as long and the two share it.
+Decisions are counted as "affinity" (the winner holds >= min_match_blocks of the prompt),
+"overloaded" (another replica did, and lost on cost) or "new_prefix" (none did).
 
 Memory: what a replica is known to hold is the union of
 - *routed*: the hashes this router sent it, an LRU set of at most `max_tracked_blocks_per_replica`
@@ -35,8 +42,9 @@ cached them; a snapshot is read as complete). Hashes routed more recently stay, 
 may still be queued or in prefill. Replicas that leave the deployment or die are forgotten.
 
 Parameters (`request_router_kwargs`, passed to `initialize_state`):
-- imbalanced_threshold (requests, default 8): how many more in-flight requests than the
-  least-loaded replica a replica may have and still receive requests for its cached prefixes.
+- load_tokens (prompt tokens, default 16): the cost of one request in flight on a replica; lower
+  keeps prefixes on their replicas longer, higher balances load sooner.
+- block_size (tokens, default 16): the engine's KV block size (what one matched hash saves).
 - min_match_blocks (blocks, default 1): the shortest match worth routing for.
 - max_tracked_blocks_per_replica (default 8192): size of each replica's routed LRU set.
 - published_grace_s (seconds, default 10): how long a routed hash is trusted against snapshots
@@ -49,7 +57,8 @@ positional argument is not a GenerateRequest (other methods) are routed by power
 two random candidates, Serve sends to the one with the shorter queue.
 Compared with Ray's PrefixCacheAffinityRouter (ray.serve.llm): it matches engine block hashes, not
 characters; it keeps its state in the caller instead of a detached actor reached by blocking
-`ray.get`s; it uses the replicas' real cache contents; overload is judged per replica.
+`ray.get`s; it uses the replicas' real cache contents and queued prefill; it weighs a cached prefix
+against load in one cost instead of switching affinity off past a request-count threshold.
 """
 
 import random
@@ -62,6 +71,7 @@ from typing import Callable, Hashable, Iterable, Sequence
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from .engine_api import GenerateRequest
+from .token_relay import published_loads
 
 
 @dataclass(slots=True)
@@ -77,24 +87,33 @@ class _ReplicaPrefixes:
         return max(len(self.routed), len(self.published))
 
 
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    replica: Hashable
+    queue: int  # requests it is working on
+    pending_tokens: int = 0  # prompt tokens it has yet to prefill for them
+
+
 class PrefixAffinityPolicy:
     """The routing rule of this module (see the module docstring), free of Serve: replica ids are
-    any hashable, loads are queue lengths. Not thread-safe; Serve calls it from one event loop."""
+    any hashable, loads are queue lengths and pending prompt tokens. Not thread-safe; Serve calls it
+    from one event loop."""
 
     def __init__(
         self,
-        imbalanced_threshold: int = 8,
+        load_tokens: float = 16.0,
+        block_size: int = 16,
         min_match_blocks: int = 1,
         max_tracked_blocks_per_replica: int = 8192,
         published_grace_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ):
-        if imbalanced_threshold < 0 or min_match_blocks < 1 or max_tracked_blocks_per_replica < 1:
-            raise ValueError(
-                "need imbalanced_threshold >= 0, min_match_blocks >= 1, max_tracked_blocks_per_replica >= 1"
-            )
-        self.imbalanced_threshold = imbalanced_threshold
+        if load_tokens < 0 or block_size < 1 or min_match_blocks < 1 or max_tracked_blocks_per_replica < 1:
+            raise ValueError("need load_tokens >= 0, block_size >= 1, min_match_blocks >= 1, "
+                             "max_tracked_blocks_per_replica >= 1")
+        self.load_tokens = load_tokens
+        self.block_size = block_size
         self.min_match_blocks = min_match_blocks
         self.max_tracked_blocks_per_replica = max_tracked_blocks_per_replica
         self.published_grace_s = published_grace_s
@@ -123,29 +142,31 @@ class PrefixAffinityPolicy:
         memory = self._replicas.get(replica_id)
         return 0 if memory is None else memory.size()
 
-    def choose(self, block_hashes: Sequence[int], candidates: list[tuple[Hashable, int]]) -> Hashable:
-        """The replica for a prompt with these block hashes; candidates are (replica id, queue length)."""
+    def cost(self, candidate: Candidate, block_hashes: Sequence[int], prompt_tokens: int) -> float:
+        """The rule's cost of sending the prompt to `candidate` (prompt tokens of prefill)."""
+        match = self.matched_blocks(candidate.replica, block_hashes) if block_hashes else 0
+        saved = self.block_size * match if match >= self.min_match_blocks else 0
+        return (candidate.pending_tokens + max(0, prompt_tokens - saved)
+                + self.load_tokens * candidate.queue)
+
+    def choose(self, block_hashes: Sequence[int], candidates: list[Candidate | tuple],
+               prompt_tokens: int | None = None) -> Hashable:
+        """The replica for a prompt with these block hashes and `prompt_tokens` tokens (default: its
+        full blocks); candidates are Candidates or (replica id, queue length) pairs."""
         if not candidates:
             raise ValueError("no candidate replicas")
-        min_queue = min(q for _, q in candidates)
-        best_match, best_key, best = 0, None, None
-        longest_anywhere = 0
-        for replica_id, queue_len in candidates:
-            match = self.matched_blocks(replica_id, block_hashes) if block_hashes else 0
-            longest_anywhere = max(longest_anywhere, match)
-            if queue_len > min_queue + self.imbalanced_threshold:
-                continue
-            key = (match, -queue_len, -self.known_cache_size(replica_id), self._rng.random())
-            if best_key is None or key > best_key:
-                best_match, best_key, best = match, key, replica_id
-        if best_match >= self.min_match_blocks:
-            self.decisions["affinity"] += 1
-            return best
-        self.decisions["overloaded" if longest_anywhere >= self.min_match_blocks else "new_prefix"] += 1
-        return self.least_loaded(candidates)
+        candidates = [c if isinstance(c, Candidate) else Candidate(*c) for c in candidates]
+        tokens = prompt_tokens if prompt_tokens is not None else self.block_size * len(block_hashes)
+        tokens = max(tokens, self.block_size * len(block_hashes))
 
-    def least_loaded(self, candidates: list[tuple[Hashable, int]]) -> Hashable:
-        return min(candidates, key=lambda c: (c[1], self.known_cache_size(c[0]), self._rng.random()))[0]
+        def key(c: Candidate):
+            return (self.cost(c, block_hashes, tokens), c.queue, self.known_cache_size(c.replica), self._rng.random())
+
+        best = min(candidates, key=key)
+        holders = [c.replica for c in candidates
+                   if block_hashes and self.matched_blocks(c.replica, block_hashes) >= self.min_match_blocks]
+        self.decisions["affinity" if best.replica in holders else "overloaded" if holders else "new_prefix"] += 1
+        return best.replica
 
     def record_routed(self, replica_id: Hashable, block_hashes: Sequence[int]) -> None:
         memory = self._replicas.setdefault(replica_id, _ReplicaPrefixes())
@@ -213,8 +234,11 @@ class PrefixAwareRouter(RequestRouter):
         open_replicas = [r for r in candidate_replicas if queue_lens.get(r.replica_id, inf) < r.max_ongoing_requests]
         if not open_replicas:  # all full or silent: let Serve probe and back off
             return [candidate_replicas]
-        loads = [(r.replica_id, queue_lens[r.replica_id]) for r in open_replicas]
-        chosen_id = self.policy.choose(request.block_hashes, loads)
+        published = published_loads()
+        loads = [Candidate(r.replica_id, queue_lens[r.replica_id],
+                           getattr(published.get(r.replica_id.unique_id), "pending_prefill_tokens", 0))
+                 for r in open_replicas]
+        chosen_id = self.policy.choose(request.block_hashes, loads, len(request.prompt_token_ids))
         # Recorded now, not only once accepted, so that concurrent requests of a new prefix follow it.
         self.policy.record_routed(chosen_id, request.block_hashes)
         self._count_choice(chosen_id, queue_lens[chosen_id])

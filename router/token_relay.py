@@ -92,9 +92,26 @@ def decode(body: bytes) -> GenerateChunk | ReplicaLoad:
 
 # ---- the ingress's side --------------------------------------------------------------------------
 
+_receiver: "RelayReceiver | None" = None  # this process's (the ingress's), created on first use
+
+
+def relay_receiver(host: str) -> "RelayReceiver":
+    """This process's receiver, listening on `host` (created on first use)."""
+    global _receiver
+    if _receiver is None:
+        _receiver = RelayReceiver(host)
+    return _receiver
+
+
+def published_loads() -> dict[str, ReplicaLoad]:
+    """The loads the replicas published to this process, by replica id (empty without a receiver):
+    what the prefix-aware router, which runs in this process, weighs."""
+    return {} if _receiver is None else dict(_receiver.loads)
+
+
 class RelayReceiver:
-    """One per ingress process: a listening socket on its own thread and event loop; chunks go to the
-    queue of their request, on the loop that registered it."""
+    """One per ingress process (`relay_receiver`): a listening socket on its own thread and event loop;
+    chunks go to the queue of their request, on the loop that registered it."""
 
     def __init__(self, host: str):
         self.secret = secrets.token_hex(16)

@@ -44,11 +44,13 @@ def test_cpus_needed_counts_every_actor_the_deployment_options_ask_for():
 
 
 def test_prefix_router_is_configured_through_serves_request_router_config():
-    options = _llm_deployment_options(ServeSettings(imbalanced_threshold=3, routing_stats_period_s=1.5))
+    options = _llm_deployment_options(ServeSettings(routing_load_tokens=24, block_size=8, routing_stats_period_s=1.5))
     config = options["request_router_config"]
     assert config.request_router_class == "mixserve.router.prefix_router:PrefixAwareRouter"
-    assert config.request_router_kwargs == {"imbalanced_threshold": 3}
+    assert config.request_router_kwargs == {"load_tokens": 24, "block_size": 8}
     assert config.request_routing_stats_period_s == 1.5
+    ray_router = _llm_deployment_options(ServeSettings(prefix_router="ray", imbalanced_threshold=3))
+    assert ray_router["request_router_config"].request_router_kwargs == {"imbalanced_threshold": 3}
     assert "request_router_config" not in _llm_deployment_options(ServeSettings(prefix_routing=False))
 
 

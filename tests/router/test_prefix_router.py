@@ -13,7 +13,7 @@ from ray.serve.config import RequestRouterConfig
 
 from mixserve.cluster.ray_start import init_ray
 from mixserve.router.engine_api import GenerateRequest, ReplicaRoutingStats
-from mixserve.router.prefix_router import PrefixAffinityPolicy
+from mixserve.router.prefix_router import Candidate, PrefixAffinityPolicy
 from mixserve.workers.prefix_hash import block_hashes
 
 BLOCK = 4
@@ -28,8 +28,10 @@ class FakeClock:
 
 
 def policy(**kwargs) -> PrefixAffinityPolicy:
-    kwargs.setdefault("imbalanced_threshold", 4)
-    return PrefixAffinityPolicy(rng=random.Random(0), **kwargs)
+    """Blocks of 4 tokens; a request in flight costs 3.5 tokens, so a prompt's 4 cached blocks (16
+    tokens) keep it on their replica while that replica is at most 4 requests busier."""
+    kwargs.setdefault("load_tokens", 3.5)
+    return PrefixAffinityPolicy(block_size=BLOCK, rng=random.Random(0), **kwargs)
 
 
 def prompt_hashes(seed: int, n_blocks: int) -> list[int]:
@@ -66,17 +68,17 @@ def test_match_counts_only_leading_blocks():
     assert p.matched_blocks("a", h) == 0
 
 
-def test_imbalance_beyond_threshold_goes_to_the_least_loaded():
-    p = policy(imbalanced_threshold=4)
+def test_a_cached_prefix_stays_until_its_replica_is_busier_by_prefix_over_load_tokens():
+    p = policy()
     h = prompt_hashes(1, 4)
     p.record_routed("a", h)
-    assert p.choose(h, [("a", 4), ("b", 0)]) == "a"  # max - min = threshold: still balanced
-    assert p.choose(h, [("a", 5), ("b", 0)]) == "b"
+    assert p.choose(h, [("a", 4), ("b", 0)]) == "a"  # 4 x 3.5 = 14 < the 16 tokens it saves
+    assert p.choose(h, [("a", 5), ("b", 0)]) == "b"  # 17.5 > 16
     assert p.decisions["overloaded"] == 1
 
 
 def test_overloaded_replica_loses_only_its_own_affinity():
-    p = policy(imbalanced_threshold=2)
+    p = policy()
     ha, hb = prompt_hashes(1, 4), prompt_hashes(2, 4)
     p.record_routed("a", ha)
     p.record_routed("b", hb)
@@ -163,6 +165,37 @@ def test_published_stats_do_not_forget_recently_routed_hashes():
     assert p.matched_blocks("a", h) == 1
 
 
+def test_prompt_tokens_a_replica_still_has_to_prefill_count_against_it():
+    p = policy()
+    h = prompt_hashes(1, 4)
+    p.record_routed("a", h)
+    # "a" holds the prefix but is prefilling 40 tokens of other prompts: "b" computes 16 and is sooner
+    assert p.choose(h, [Candidate("a", 1, pending_tokens=40), Candidate("b", 1)]) == "b"
+    assert p.choose(h, [Candidate("a", 1, pending_tokens=10), Candidate("b", 1)]) == "a"
+    assert p.choose(h, [("a", 0), ("b", 0)], prompt_tokens=30) == "a"  # a partial last block counts too
+
+
+def test_a_replica_autoscaling_adds_takes_a_share_of_one_hot_prompt():
+    """8 clients send the same 50-token prompt in a closed loop to a replica that holds it; a second,
+    empty replica joins. It gets requests once the first is 3 requests busier (48 cached tokens / 16),
+    then holds the prompt too, and the two share it."""
+    p = PrefixAffinityPolicy(load_tokens=16, block_size=16, rng=random.Random(0))
+    h = prompt_hashes(5, 3)  # the prompt's 3 full blocks of 16; 2 more tokens follow
+    p.record_routed("old", h)
+    in_flight = {"old": 8, "new": 0}  # every client waiting on the first replica when the second joins
+    landed = Counter()
+    order = ["old"] * 8  # requests complete in the order they started
+    for _ in range(300):
+        done = order.pop(0)
+        in_flight[done] -= 1
+        chosen = p.choose(h, list(in_flight.items()), prompt_tokens=50)
+        p.record_routed(chosen, h)
+        in_flight[chosen] += 1
+        order.append(chosen)
+        landed[chosen] += 1
+    assert landed["new"] >= landed.total() / 3, landed
+
+
 def test_removed_replica_is_forgotten():
     p = policy()
     h = prompt_hashes(1, 4)
@@ -176,7 +209,7 @@ def test_removed_replica_is_forgotten():
 
 # ---- on a real Ray Serve ---------------------------------------------------------------------
 
-THRESHOLD = 6
+LOAD_TOKENS = 3  # a hot prefix of n blocks (4n tokens) stays on its replica until it is 4n/3 requests busier
 
 
 @serve.deployment(
@@ -185,7 +218,7 @@ THRESHOLD = 6
     ray_actor_options={"num_cpus": 0.1},
     request_router_config=RequestRouterConfig(
         request_router_class="mixserve.router.prefix_router:PrefixAwareRouter",
-        request_router_kwargs={"imbalanced_threshold": THRESHOLD, "min_match_blocks": 1},
+        request_router_kwargs={"load_tokens": LOAD_TOKENS, "block_size": BLOCK, "min_match_blocks": 1},
         request_routing_stats_period_s=0.2,
     ),
 )
@@ -267,16 +300,19 @@ def test_a_new_caller_routes_by_the_published_cache_contents(owners, shared_pref
     _, served, _ = owners
     held_by_one = {i: replicas.pop() for i, replicas in served.items() if len(replicas) == 1}
     assert len(held_by_one) >= 6
-    time.sleep(1.0)  # a few stats periods
     fresh = serve.get_deployment_handle("StandInServer", app_name="prefix_router_test")
     rng = random.Random(1)
+    # its router starts with the first call and learns the replicas' stats over the next periods
+    fresh.generate.remote(_request(rng, prompt_hashes(999, 4), 999)).result(timeout_s=30)
+    time.sleep(1.0)  # a few stats periods
     for i, holder in held_by_one.items():
         assert fresh.generate.remote(_request(rng, shared_prefixes[i], 1000 + i)).result(timeout_s=30) == holder
 
 
 def test_a_hot_prefix_spreads_when_its_replica_is_overloaded(handle, owners, shared_prefixes):
-    """16 slow requests of one prefix at once: the owner takes them until it is THRESHOLD requests
-    ahead; once the other replica has served the prefix it matches as long, and the two share."""
+    """16 slow requests of one prefix (n blocks, then one of its own) at once: the owner takes them
+    until it is 4n / LOAD_TOKENS requests ahead (what the prefix saves over what a request costs); once the other
+    replica has served the prefix it matches as long, and the two share."""
     first, _, _ = owners
     rng = random.Random(2)
     owner = first[0]
@@ -284,5 +320,6 @@ def test_a_hot_prefix_spreads_when_its_replica_is_overloaded(handle, owners, sha
     landed = Counter(r.result(timeout_s=30) for r in responses)
     other = landed.total() - landed[owner]
     print(f"16 slow requests of one prefix: owner {landed[owner]}, other {other}")
-    assert landed[owner] >= THRESHOLD + 1  # affinity until the owner is THRESHOLD requests ahead
-    assert other >= 3  # then the other replica takes its share (without the load rule: none)
+    ahead = BLOCK * len(shared_prefixes[0]) // LOAD_TOKENS
+    assert landed[owner] >= ahead  # affinity until the owner is that many requests ahead
+    assert other >= 3  # then the other replica takes its share (without the load term: none)

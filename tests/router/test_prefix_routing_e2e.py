@@ -13,7 +13,7 @@ from .serve_helpers import start, stop
 @pytest.fixture(scope="module")
 def two_replicas(tiny_checkpoint):
     url, _ = start(tiny_checkpoint, replicas=2, replica_cpus=1.0, threads=1, prefix_routing=True,
-                   imbalanced_threshold=2, routing_stats_period_s=0.5)
+                   routing_stats_period_s=0.5)
     yield url
     stop()
 
