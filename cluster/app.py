@@ -110,9 +110,10 @@ def build_app(settings: ServeSettings) -> serve.Application:
     if settings.ingress == "direct":  # the LLM server is its own ingress: one deployment, named as the LLM server
         options = {k: v for k, v in _llm_deployment_options(settings).items() if k != "request_router_config"}
         return serve.deployment(DirectIngress).options(**options).bind(
-            settings.ingress_options(model, name), (settings.engine_config(model), threads, settings.stream_interval))
+            settings.ingress_options(model, name),
+            (settings.engine_config(model), threads, settings.stream_interval, settings.warmup_s))
     llm = serve.deployment(LLMServer).options(**_llm_deployment_options(settings)).bind(
-        settings.engine_config(model), threads, stream_interval=settings.stream_interval
+        settings.engine_config(model), threads, stream_interval=settings.stream_interval, warmup_s=settings.warmup_s
     )
     ingress = serve.deployment(OpenAIIngress).options(
         name=INGRESS_DEPLOYMENT, num_replicas=settings.ingress_replicas, max_ongoing_requests=1024,

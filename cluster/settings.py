@@ -129,6 +129,9 @@ class ServeSettings(BaseModel):
         None, description="the ingress serves HTTP on --host/--port itself (uvicorn in its process), so no token "
         "crosses a Ray hop between Serve's HTTP proxy and it; Serve's proxy then runs only for gRPC, on a free "
         "loopback port. Default: on for `mixserve serve`, off in Serve configs (Serve's proxy holds the port there)")
+    warmup_s: float = Field(60.0, ge=0, description="a replica runs the step shapes it will serve (a full prefill "
+                            "step, decode batches up to max_num_seqs) for at most this long before it takes "
+                            "requests, so it serves at its steady speed from the first one; 0: no warm-up")
     stream_interval: int = Field(1, ge=1, description="stream a request's tokens N at a time (its first and last "
                                  "chunks at once): fewer, larger chunks cost less CPU per token")
     # routing

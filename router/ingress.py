@@ -94,11 +94,11 @@ class OpenAIIngress(_ApiHost):
 @serve.ingress()
 class DirectIngress(_ApiHost):
     """The direct shape: one deployment whose replica runs the engine itself (`engine` = (EngineConfig,
-    torch threads, stream interval)), and so also answers Serve's health checks and the LLM-server
+    torch threads, stream interval, warm-up seconds)), and so also answers Serve's health checks and the LLM-server
     calls (stats, kernel_report) for it."""
 
     def __init__(self, options: IngressOptions, engine: tuple):
-        self.local = LLMServer(engine[0], engine[1], stream_interval=engine[2])
+        self.local = LLMServer(engine[0], engine[1], stream_interval=engine[2], warmup_s=engine[3])
         self._start(LocalLLM(self.local), options)
 
     async def check_health(self) -> None:

@@ -29,6 +29,7 @@ from ..workers.engine import LLMEngine, describe_kernels
 from ..workers.engine_config import EngineConfig
 from ..workers.outputs import RequestOutput
 from ..workers.sampling_params import SamplingParams
+from ..workers.warmup import warm_up
 from .engine_api import ChoiceDelta, GenerateChunk, GenerateRequest, ReplicaLoad, ReplicaRoutingStats
 from .token_relay import RelayedStream, RelayReceiver, RelaySender, encode_load, relay_receiver
 
@@ -39,7 +40,9 @@ logger = logging.getLogger("ray.serve")
 
 class LLMServer:
     def __init__(self, engine_config: EngineConfig, num_threads: int | None = None, max_published_hashes: int = 8192,
-                 stream_interval: int = 1):
+                 stream_interval: int = 1, warmup_s: float = 0.0):
+        """`warmup_s`: run the step shapes it will serve for at most this long before it takes requests
+        (workers/warmup.py; 0: none)."""
         if num_threads:
             torch.set_num_threads(num_threads)
         try:
@@ -50,8 +53,13 @@ class LLMServer:
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop relayed requests run on (first one)
         self._load_sent_at = 0.0
         self._load_pending = False
-        self.engine = AsyncLLMEngine(lambda: LLMEngine(engine_config), on_failure=self._leave if in_serve else None,
-                                     on_load=self._on_load)
+        def build() -> LLMEngine:  # on the engine thread (workers/async_engine.py's thread rule)
+            engine = LLMEngine(engine_config)
+            if warmup_s > 0:
+                warm_up(engine, warmup_s)
+            return engine
+
+        self.engine = AsyncLLMEngine(build, on_failure=self._leave if in_serve else None, on_load=self._on_load)
         engine = self.engine.engine
         logger.info("engine kernels: %s | weights %s: %.2f GiB per rank | torch threads %d",
                     describe_kernels(engine.kernel_report()), engine.weight_format.quantization,

@@ -233,6 +233,11 @@ class LLMEngine:
         self._step_s = step_s if self._step_s == 0 else 0.8 * self._step_s + 0.2 * step_s
         return [self._report(rid) for rid in touched]
 
+    def reset_counters(self) -> None:
+        """Start the cumulative counters (stats, prefix-cache queries and hits, preemptions) from 0."""
+        self.stats = EngineStats()
+        self.scheduler.prefix_queries = self.scheduler.prefix_hits = self.scheduler.num_preemptions = 0
+
     def load(self) -> EngineLoad:
         """The engine's state now (cheap: one pass over the queued sequences)."""
         sched = self.scheduler
