@@ -36,14 +36,10 @@ def start_serve(settings: ServeSettings, on_ray_up: Callable[[], None] | None = 
     soon as Ray is up (ray.init has put its own signal handlers in place)."""
     # Resolved once here (a hub id downloads with a progress bar): a model that cannot be had or cannot
     # fit fails before Ray starts, and the replicas on this node then find it in the hub cache.
-    settings = settings.with_absolute_paths()
-    if settings.direct_http is None:  # the ingress holds the port itself unless told otherwise
-        settings = settings.model_copy(update={"direct_http": True})
-    settings = report_sizing(settings, resolve_source(resolve_model(settings), show_progress=True))
+    settings = report_sizing(settings.with_absolute_paths(),
+                             resolve_source(resolve_model(settings), show_progress=True))
     init_ray_for(settings)
-    # CPUs left to the default: this machine's when it is the whole cluster, else the cluster's nodes'
-    settings = settings.with_cpus_for(os.cpu_count() or 1) if settings.address is None else \
-        settings.with_cpus_for(*cluster_node_cpus())
+    settings = serving_settings(settings)
     print(f"engine threads: {settings.engine_threads()} per {'replica' if settings.tensor_parallel_size == 1 else 'rank'}"
           f" ({settings.replica_cpus:g} CPUs per replica" + (f", {settings.rank_cpus:g} per rank"
           if settings.tensor_parallel_size > 1 else "") + ")", flush=True)
@@ -75,6 +71,18 @@ def start_serve(settings: ServeSettings, on_ray_up: Callable[[], None] | None = 
     url = f"http://{settings.host}:{settings.port}"
     wait_until_healthy(url)
     return url
+
+
+def serving_settings(settings: ServeSettings) -> ServeSettings:
+    """The settings `start_serve` deploys (Ray up): local paths absolute, the ingress holding the port
+    unless told otherwise, CPUs left to the default decided for this machine when it is the whole
+    cluster, else for the cluster's nodes. Idempotent: redeploying its result changes nothing."""
+    settings = settings.with_absolute_paths()
+    if settings.direct_http is None:
+        settings = settings.model_copy(update={"direct_http": True})
+    if settings.address is None:
+        return settings.with_cpus_for(os.cpu_count() or 1)
+    return settings.with_cpus_for(*cluster_node_cpus())
 
 
 def init_ray_for(settings: ServeSettings, *, num_cpus: int | None = None, log_to_driver: bool = True) -> None:

@@ -286,4 +286,5 @@ class ServeSettings(BaseModel):
             # with the engine in the ingress and no Serve proxy, no Serve queue caps its requests
             max_in_flight=self.max_ongoing_requests + self.max_queued_requests
             if self.direct_http and self.ingress == "direct" else None,
+            drain_s=self.graceful_shutdown_timeout_s,
         )

@@ -8,6 +8,7 @@ Either one serves HTTP on the port itself when `http_address` is set (`mixserve 
 Serve's HTTP proxy (Serve configs).
 """
 
+import asyncio
 import socket
 import threading
 from dataclasses import dataclass, field
@@ -40,9 +41,10 @@ class IngressOptions:
     prompt_text: bool = False  # the LLM-server's router reads the prompt's text (Ray's prefix-tree router)
     http_address: tuple[str, int] | None = None  # (host, port) this replica serves HTTP on itself
     max_in_flight: int | None = None  # requests at once before 503 where no Serve queue caps them (direct HTTP)
+    drain_s: float = 120.0  # when Serve stops the replica: how long its own HTTP server's requests may run on
 
 
-def serve_http_in_thread(app, host: str, port: int) -> threading.Thread:
+def serve_http_in_thread(app, host: str, port: int) -> tuple[uvicorn.Server, threading.Thread]:
     """Serve `app` on host:port from this process (the ingress's own HTTP server): uvicorn in a thread
     with its event loop, on a socket bound with SO_REUSEPORT so that the ingress replicas of one node
     share the port (the kernel spreads connections over them). Chunks reach this loop from the relay
@@ -54,7 +56,7 @@ def serve_http_in_thread(app, host: str, port: int) -> threading.Thread:
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="mixserve-http", daemon=True)
     thread.start()
-    return thread
+    return server, thread
 
 
 class _ApiHost(GrpcGenerateMixin):
@@ -71,11 +73,22 @@ class _ApiHost(GrpcGenerateMixin):
                                         RequestLog(options.request_log), options.api_key, options.max_in_flight,
                                         admin_key=options.admin_key)
         self.http_app = build_api(self.pipeline, options.max_body_bytes)
-        if options.http_address is not None:
-            serve_http_in_thread(self.http_app, *options.http_address)
+        self._drain_s = options.drain_s
+        self._http = serve_http_in_thread(self.http_app, *options.http_address) if options.http_address else None
 
     def __serve_build_asgi_app__(self):
         return self.http_app
+
+    async def __del__(self):
+        """Serve stops this replica (scale-down, redeploy, shutdown). The requests of its own HTTP
+        server are not Serve's, so Serve does not wait for them: stop accepting connections (the
+        port's other listeners, a replacement's, take new ones) and let the requests in flight end,
+        for at most drain_s; then the app's lifespan ends as Serve's wrapper does it."""
+        if getattr(self, "_http", None) is not None:
+            server, thread = self._http
+            server.should_exit = True  # uvicorn stops listening and waits for its requests in flight
+            await asyncio.to_thread(thread.join, self._drain_s)
+        await super().__del__()
 
     def drain(self) -> int:
         """New requests get 503 from now on; returns how many this replica has in flight (cluster/drain.py)."""

@@ -96,15 +96,18 @@ class LLMServer:
                 pass
 
     def _publish_load(self) -> None:
-        """Send the current load to every connected ingress, at most every LOAD_PERIOD_S (the last
-        load of a burst is always sent, so an engine that fell idle shows idle)."""
+        """Send the current load to every connected ingress, at most every LOAD_PERIOD_S while busy
+        (the last load of a burst is always sent), at once when the engine fell idle: that load is
+        posted before the last chunks' stream resumes, so it reaches the ingress before the response
+        ends."""
+        load = self.load()
         wait = self._load_sent_at + LOAD_PERIOD_S - time.monotonic()
-        if wait > 0:
+        if wait > 0 and not load.idle:  # an engine that fell idle is shown at once (a scrape right after)
             self._loop.call_later(wait, self._publish_load)
             return
         self._load_pending = False
         self._load_sent_at = time.monotonic()
-        self.relay.broadcast(encode_load(self.load()))
+        self.relay.broadcast(encode_load(load))
 
     def _chunk(self, out: RequestOutput, first: bool) -> GenerateChunk:
         choices = []

@@ -211,8 +211,9 @@ def test_draining_a_node_moves_its_replica_elsewhere_after_the_stream_on_it_ends
     from mixserve.cluster.settings import ServeSettings
     from mixserve.router.engine_api import GenerateRequest
 
-    settings = ServeSettings(model=str(tiny_checkpoint), dtype="float32", max_model_len=2048,
-                             kv_cache_bytes=32 << 20, graceful_shutdown_timeout_s=120, routing_stats_period_s=0.5)
+    settings = ServeSettings(model=str(tiny_checkpoint), dtype="float32", max_model_len=2048, replica_cpus=1.0,
+                             rank_cpus=1.0, kv_cache_bytes=32 << 20, graceful_shutdown_timeout_s=120,
+                             routing_stats_period_s=0.5, warmup_s=0)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # the head runs no replica
     cwd = os.getcwd()
     try:

@@ -5,7 +5,7 @@ import time
 import ray
 from ray import serve
 
-from mixserve.cluster.serve_command import init_ray_for, start_serve
+from mixserve.cluster.serve_command import init_ray_for, serving_settings, start_serve
 from mixserve.cluster.settings import ServeSettings
 from mixserve.workers.ports import free_port
 
@@ -16,6 +16,7 @@ def start(checkpoint, **overrides) -> tuple[str, ServeSettings]:
         "kv_cache_bytes": 32 << 20, "replica_cpus": 1.0, "routing_stats_period_s": 0.5, **overrides,
     })
     init_ray_for(settings, num_cpus=4, log_to_driver=False)  # the head's environment as `mixserve serve` gives it
+    settings = serving_settings(settings)  # as deployed: a redeploy of a copy changes only what the copy changes
     return start_serve(settings), settings
 
 

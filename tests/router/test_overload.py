@@ -51,7 +51,9 @@ def test_a_flood_gets_503_with_retry_after_bounded_memory_and_the_server_recover
     for responses in waves:
         statuses = [r.status_code for r in responses]
         assert set(statuses) <= {200, 503}, sorted(set(statuses))
-        assert statuses.count(503) >= FLOOD // 2 and statuses.count(200) >= 6, statuses.count(200)
+        # Serve's caller-side queue admits max_queued_requests (4) at once and may reject others that
+        # could have waited (ray/serve/_private/router.py says so): at least the 4 queued ones are served
+        assert statuses.count(503) >= FLOOD // 2 and statuses.count(200) >= 4, statuses.count(200)
         for r in responses:
             if r.status_code == 503:
                 assert r.headers["retry-after"] == "1"

@@ -13,6 +13,8 @@ from mixserve.workers.engine import LLMEngine
 from mixserve.workers.engine_config import EngineConfig
 from mixserve.workers.sampling_params import SamplingParams
 
+from mixserve.workers.ports import free_port
+
 from .serve_helpers import start, stop
 
 
@@ -26,12 +28,13 @@ def tp2_server(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def small_queue_server(tp2_server, tiny_checkpoint):
-    """A second app on the same Serve instance: one replica that takes 1 request and queues 1."""
+    """A second app on the same Serve instance, on a port of its own: one replica that takes 1 request and
+    queues 1."""
     settings = ServeSettings(model=str(tiny_checkpoint), dtype="float32", max_model_len=512,
-                             kv_cache_bytes=32 << 20, replica_cpus=1.0, prefix_routing=False,
-                             max_ongoing_requests=1, max_queued_requests=1)
-    serve.run(build_app(settings), name="small-queue", route_prefix="/small", blocking=False)
-    url = tp2_server + "/small"
+                             kv_cache_bytes=32 << 20, replica_cpus=1.0, rank_cpus=1.0, prefix_routing=False,
+                             max_ongoing_requests=1, max_queued_requests=1, direct_http=True, port=free_port())
+    serve.run(build_app(settings), name="small-queue", route_prefix=None, blocking=False)
+    url = f"http://127.0.0.1:{settings.port}"
     wait_until_healthy(url, 120)
     return url
 
