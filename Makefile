@@ -30,7 +30,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/mixserve bench offline --preset mini --compare-transformers
 
-# Every configuration and peer in one run (~10 min): the README's Performance table.
+# Every configuration and peer in one run (~15 min): the README's Results table (docs/performance.md).
 bench-compare: $(STAMP)
 	$(BIN)/mixserve bench compare --preset mini --out bench-results
 

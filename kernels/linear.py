@@ -12,11 +12,10 @@
   `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` run on CPU for up to the weight's
   `kernel_max_rows` rows; above it the codes are dequantized to the activations' dtype for one dense
   `F.linear`. The crossover depends on the CPU, the activations' dtype and the shape, so it is timed
-  at load (kernels/kernel_choice.py `int_kernel_max_rows`). Measured on CPU class [avx2 avx512_bf16
-  avx512f] (5632x1024, bf16 activations): int8 kernel 0.10 / 0.28 / 1.1 / 4.4 ms at 1 / 8 / 32 / 128
-  rows vs dequantize + matmul 0.92 / 1.0 / 1.3 / 2.3 ms; int4 kernel 0.08 / 0.27 / 1.0 / 4.2 / 16 ms
-  at 1 / 8 / 32 / 128 / 512 rows vs 17-21 ms (unpacking torch's int4 layout dominates). With float32
-  activations the weight-only kernels run a generic path (3-6 GFLOP/s) and lose at every row count.
+  at load (kernels/kernel_choice.py `int_kernel_max_rows`): on one AVX-512 bf16 CPU (5632x1024, bf16
+  activations) int8's kernel won up to 32 rows and int4's up to 512 (unpacking torch's int4 layout
+  makes its dequantization slow); with float32 activations both run a generic path and lose at every
+  row count.
 Which kernel each weight gets is kernels/kernel_choice.py's rule (quantization is asked for).
 """
 

@@ -19,9 +19,8 @@ Thread rule: the engine thread is the only thread that runs the model, building 
 Linux) keeps a pool of worker threads for each thread that starts parallel work; once a process
 pools more threads than it has CPUs (a loading thread's pool plus the engine thread's), every worker
 sleeps right after each parallel region instead of spinning, and each of the thousands of small
-parallel regions of a step pays a wake-up. Measured on CPU class [avx2 avx512_bf16 avx512f], 2 cores,
-mini bf16, batch-32 decode step: 57-60 ms stepped in the thread that loaded the engine or built and
-stepped on one new thread; 76-85 ms loaded in one thread and stepped in another.
+parallel regions of a step pays a wake-up (on a 2-core CPU, a batch-32 decode step of mini took
+76-85 ms loaded in one thread and stepped in another, 57-60 ms built and stepped in one).
 """
 
 import asyncio
