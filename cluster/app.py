@@ -99,6 +99,14 @@ def cluster_node_cpus() -> tuple[float, int]:
     return max(cpus), len(cpus)
 
 
+def _this_node() -> dict:
+    """Actor options that keep a replica that serves --host/--port itself on this process's node
+    (where `mixserve serve` runs), not on whichever node Serve picks."""
+    import ray
+
+    return {"resources": {f"node:{ray.util.get_node_ip_address()}": 0.001}}
+
+
 def build_app(settings: ServeSettings) -> serve.Application:
     """The application; CPUs left to the default are decided for the Ray cluster's nodes here unless
     the caller decided them already (`mixserve serve` does, for this machine when it starts the head)."""
@@ -109,15 +117,18 @@ def build_app(settings: ServeSettings) -> serve.Application:
     threads = settings.engine_threads() if settings.tensor_parallel_size == 1 else 1
     if settings.ingress == "direct":  # the LLM server is its own ingress: one deployment, named as the LLM server
         options = {k: v for k, v in _llm_deployment_options(settings).items() if k != "request_router_config"}
+        if settings.direct_http and "placement_group_bundles" not in options:
+            options["ray_actor_options"] = {**options["ray_actor_options"], **_this_node()}
         return serve.deployment(DirectIngress).options(**options).bind(
             settings.ingress_options(model, name),
             (settings.engine_config(model), threads, settings.stream_interval, settings.warmup_s))
     llm = serve.deployment(LLMServer).options(**_llm_deployment_options(settings)).bind(
         settings.engine_config(model), threads, stream_interval=settings.stream_interval, warmup_s=settings.warmup_s
     )
+    actor = {"num_cpus": settings.ingress_cpus, **(_this_node() if settings.direct_http else {})}
     ingress = serve.deployment(OpenAIIngress).options(
         name=INGRESS_DEPLOYMENT, num_replicas=settings.ingress_replicas, max_ongoing_requests=1024,
-        ray_actor_options={"num_cpus": settings.ingress_cpus},
+        ray_actor_options=actor,
         graceful_shutdown_timeout_s=settings.graceful_shutdown_timeout_s,
     )
     return ingress.bind(llm, settings.ingress_options(model, name))

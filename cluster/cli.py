@@ -89,7 +89,7 @@ def _add_serve_parser(subparsers) -> None:
             continue
         flag = "--" + name.replace("_", "-")
         kind = field.annotation
-        if kind is bool:
+        if kind is bool or kind == bool | None:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=field.description)
         else:
             p.add_argument(flag, dest=name, type=_arg_type(kind), default=None, help=field.description)

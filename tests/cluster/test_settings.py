@@ -69,6 +69,8 @@ def test_cli_serve_flags_are_generated_from_the_settings_model():
     s = ServeSettings(**given)
     assert (s.tensor_parallel_size, s.replicas, s.prefix_routing, s.rank_cpus) == (2, 3, False, 0.5)
     assert s.host == "127.0.0.1"  # loopback unless told otherwise
+    assert build_parser().parse_args(["serve", "--no-direct-http"]).direct_http is False  # a flag, default None
+    assert build_parser().parse_args(["serve"]).direct_http is None
     args = build_parser().parse_args(["serve", "--quantization", "int8", "--quantization-calibration", "builtin"])
     weights = ServeSettings(quantization=args.quantization,
                             quantization_calibration=args.quantization_calibration).engine_config("m").weight_format()
