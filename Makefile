@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
 
 .PHONY: serve test venv bench bench-compare clean
 
@@ -25,7 +26,7 @@ serve: $(STAMP)
 # -P and pytest's importlib mode keep the repository root off sys.path: its kernels/ folder would shadow
 # Hugging Face's `kernels` package, which transformers imports (tests/test_import_path.py guards this).
 test: $(STAMP)
-	$(BIN)/python -P -m pytest -q tests
+	$(BIN)/python -P -m pytest -q $(PYTEST_ARGS) tests
 
 bench: $(STAMP)
 	$(BIN)/mixserve bench offline --preset mini --compare-transformers

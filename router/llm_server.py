@@ -85,29 +85,33 @@ class LLMServer:
 
     # ---- publishing the load to the ingresses (router/token_relay.py) ---------------------------
 
-    def _on_load(self, _load) -> None:
-        """On the engine thread, after a step: have the relay loop send the new load."""
+    def _on_load(self, load) -> None:
+        """On the engine thread, after a step: have the relay loop send the new load (at once when
+        the engine fell idle)."""
         loop = self._loop
-        if loop is not None and not self._load_pending:
-            self._load_pending = True
+        if loop is None:
+            return
+        idle = load.num_running == 0 and load.num_waiting == 0
+        if idle or not self._load_pending:
+            self._load_pending = not idle
             try:
-                loop.call_soon_threadsafe(self._publish_load)
+                loop.call_soon_threadsafe(self._publish_load, idle)
             except RuntimeError:  # the loop has closed
                 pass
 
-    def _publish_load(self) -> None:
-        """Send the current load to every connected ingress, at most every LOAD_PERIOD_S while busy
-        (the last load of a burst is always sent), at once when the engine fell idle: that load is
-        posted before the last chunks' stream resumes, so it reaches the ingress before the response
-        ends."""
-        load = self.load()
+    def _publish_load(self, now: bool = False) -> None:
+        """Send the current load to every connected ingress: at most every LOAD_PERIOD_S while the
+        engine is busy (the last load of a burst is always sent), and `now` when it fell idle. That
+        load is posted before the last chunks of the step that ended the work resume their stream,
+        so it reaches the ingress before the response ends (a scrape right after sees it)."""
         wait = self._load_sent_at + LOAD_PERIOD_S - time.monotonic()
-        if wait > 0 and not load.idle:  # an engine that fell idle is shown at once (a scrape right after)
+        if wait > 0 and not now:
             self._loop.call_later(wait, self._publish_load)
             return
-        self._load_pending = False
+        if not now:
+            self._load_pending = False
         self._load_sent_at = time.monotonic()
-        self.relay.broadcast(encode_load(load))
+        self.relay.broadcast(encode_load(self.load()))
 
     def _chunk(self, out: RequestOutput, first: bool) -> GenerateChunk:
         choices = []
