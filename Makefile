@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: serve test venv bench bench-compare clean
+.PHONY: serve test test-slow venv bench bench-compare clean
 
 venv: $(STAMP)
 
@@ -25,8 +25,13 @@ serve: $(STAMP)
 
 # -P and pytest's importlib mode keep the repository root off sys.path: its kernels/ folder would shadow
 # Hugging Face's `kernels` package, which transformers imports (tests/test_import_path.py guards this).
+# `make test` (~15 min on 2 cores) leaves out the tests marked slow; `make test-slow` runs only those
+# (whole servers started and signalled, several Ray clusters, TP ranks, real-model quality). CI runs both.
 test: $(STAMP)
-	$(BIN)/python -P -m pytest -q $(PYTEST_ARGS) tests
+	$(BIN)/python -P -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+
+test-slow: $(STAMP)
+	$(BIN)/python -P -m pytest -q -m slow $(PYTEST_ARGS) tests
 
 bench: $(STAMP)
 	$(BIN)/mixserve bench offline --preset mini --compare-transformers

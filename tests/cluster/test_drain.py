@@ -17,6 +17,8 @@ import mixserve.cluster.drain as drain
 
 from .serve_process import start_mixserve
 
+pytestmark = pytest.mark.slow
+
 STREAMS = 8
 MAX_TOKENS = 300
 MAX_NUM_SEQS = 2  # the engine runs 2 streams at a time: the others wait in its queue when the signal comes

@@ -82,6 +82,8 @@ import ray
 from ray import serve
 from ray.core.generated import gcs_pb2
 
+pytestmark = pytest.mark.slow
+
 ray.init(address=sys.argv[1], log_to_driver=False)
 accessor = ray._private.state.state._connect_and_get_accessor()
 jobs = [gcs_pb2.JobTableData.FromString(raw) for raw in accessor.get_job_table(

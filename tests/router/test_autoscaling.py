@@ -13,6 +13,8 @@ from mixserve.cluster.settings import ServeSettings
 
 from .serve_helpers import start, stop
 
+pytestmark = pytest.mark.slow
+
 
 def _replicas_running() -> int:
     app = serve.status().applications["mixserve"]

@@ -14,6 +14,8 @@ import pytest
 
 from .serve_helpers import start, stop, wait_until_idle
 
+pytestmark = pytest.mark.slow
+
 FLOOD = 300  # requests at once, 50x what the server holds (2 running + 4 queued)
 
 

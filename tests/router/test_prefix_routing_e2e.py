@@ -9,6 +9,8 @@ import pytest
 from tests.workers.engine_helpers import random_prompts
 from .serve_helpers import start, stop
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def two_replicas(tiny_checkpoint):

@@ -16,6 +16,8 @@ import ray._private.state as ray_state  # the GCS's actor table (the state API n
 from .serve_helpers import start, stop
 from .test_replica_failure import _Stream
 
+pytestmark = pytest.mark.slow
+
 REPLICA_CLASS = "ServeReplica:mixserve:LLMServer"
 
 

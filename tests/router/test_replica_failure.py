@@ -18,6 +18,8 @@ from mixserve.cluster.serve_command import APP_NAME
 
 from .serve_helpers import start, stop
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def served(tiny_checkpoint):

@@ -17,6 +17,8 @@ from mixserve.workers.ports import free_port
 
 from .serve_helpers import start, stop
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def tp2_server(tiny_checkpoint):

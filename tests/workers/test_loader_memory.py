@@ -26,6 +26,8 @@ from mixserve.kernels.linear import linear
 from mixserve.workers.config import load_model_config
 from mixserve.workers.loader import load_model
 
+pytestmark = pytest.mark.slow
+
 def status():
     fields = {}
     for line in open("/proc/self/status"):

@@ -7,6 +7,8 @@ from ray.cluster_utils import Cluster
 
 from .engine_helpers import greedy, make_engine, output_ids, random_prompts
 
+pytestmark = pytest.mark.slow
+
 
 def _start_two_nodes(attempts: int = 3):
     """A head without CPUs and two 2-CPU nodes; a start that times out (a GCS that never published its

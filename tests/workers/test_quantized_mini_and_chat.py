@@ -20,6 +20,8 @@ from .engine_helpers import random_prompts
 from .test_engine_matches_transformers import _logits_prefill_then_decode
 from .test_quantized_engine import _runner
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def mini_checkpoint(tmp_path_factory):

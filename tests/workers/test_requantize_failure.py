@@ -14,6 +14,8 @@ from mixserve.workers.model_runner import WeightReloadError
 
 from .engine_helpers import greedy, make_engine, output_ids, random_prompts
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def local_ray():

@@ -15,6 +15,8 @@ from mixserve.workers.step_input import SeqChunk, StepInput
 
 from .engine_helpers import greedy, make_engine, output_ids, random_prompts
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
