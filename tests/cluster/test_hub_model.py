@@ -19,12 +19,12 @@ import pytest
 from mixserve.workers.ports import free_port
 from tests.helpers import interrupt
 
+pytestmark = pytest.mark.slow
+
 REPO, COMMIT = "testorg/tiny-moe", "0123456789abcdef0123456789abcdef01234567"
 
 _NO_NETWORK = '''
 import ipaddress, socket
-
-pytestmark = pytest.mark.slow
 
 def _local(host):
     """Loopback, or an address of this machine's own interfaces (Ray talks to itself on those)."""

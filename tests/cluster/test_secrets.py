@@ -82,8 +82,6 @@ import ray
 from ray import serve
 from ray.core.generated import gcs_pb2
 
-pytestmark = pytest.mark.slow
-
 ray.init(address=sys.argv[1], log_to_driver=False)
 accessor = ray._private.state.state._connect_and_get_accessor()
 jobs = [gcs_pb2.JobTableData.FromString(raw) for raw in accessor.get_job_table(
@@ -98,6 +96,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow
 def test_a_served_api_key_shows_in_no_command_line_job_table_or_serve_status(tiny_checkpoint, tmp_path):
     proc, url, log = start_mixserve(tiny_checkpoint, tmp_path, {"MIXSERVE_API_KEY": KEY})
     try:

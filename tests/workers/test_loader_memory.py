@@ -15,6 +15,8 @@ import torch
 
 from tests.helpers import write_tiny_hf_checkpoint
 
+pytestmark = pytest.mark.slow
+
 LIMIT = 1.25  # peak RSS increase / checkpoint tensor bytes
 SHAPE = dict(hidden=512, intermediate=640, layers=4, heads=8, kv_heads=2, experts=8, vocab=32000)
 
@@ -25,8 +27,6 @@ from mixserve.kernels.kernel_choice import _CHOSEN, LinearKernelChooser
 from mixserve.kernels.linear import linear
 from mixserve.workers.config import load_model_config
 from mixserve.workers.loader import load_model
-
-pytestmark = pytest.mark.slow
 
 def status():
     fields = {}
