@@ -2,8 +2,8 @@
 
 One dataclass describes every layout: Hugging Face `config.json` (model_type mixtral, mistral or
 llama - Mistral's architecture without the sliding window), Mistral's `params.json` (with an optional
-`moe` section) and a GGUF file's metadata (workers/gguf_checkpoint.py). A config with no experts is
-a dense Mistral/Llama model.
+`moe` section) and a GGUF file's metadata (its tensors are read by workers/gguf_checkpoint.py). A
+config with no experts is a dense Mistral/Llama model.
 """
 
 import json
@@ -123,14 +123,75 @@ def _from_mistral(params: dict, path: Path) -> ModelConfig:
     )
 
 
+_GGUF_ARCHITECTURES = ("llama",)  # as llama.cpp's converter writes Llama, Mistral and Mixtral
+
+
+def gguf_reader(path: Path):
+    """gguf's reader of a GGUF file (a memory map); a CheckpointError when it is not one."""
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(str(path), "r")
+    except (ValueError, OSError) as exc:
+        raise CheckpointError(f"{path} is not a readable GGUF file: {exc}") from None
+
+
+def _field(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def _from_gguf(path: Path) -> ModelConfig:
+    reader = gguf_reader(path)
+    arch = _field(reader, "general.architecture")
+    if arch not in _GGUF_ARCHITECTURES:
+        raise CheckpointError(f"{path} has GGUF architecture {arch!r}; mixserve reads "
+                              f"{', '.join(_GGUF_ARCHITECTURES)} (Llama, Mistral, Mixtral as llama.cpp writes them)")
+
+    def need(key: str):
+        value = _field(reader, f"{arch}.{key}")
+        if value is None:
+            raise CheckpointError(f"{path} is missing the GGUF metadata field {arch}.{key}")
+        return value
+
+    hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
+    names = {t.name for t in reader.tensors}
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocab = _field(reader, f"{arch}.vocab_size") or (len(tokens.data) if tokens is not None else None)
+    if vocab is None:
+        raise CheckpointError(f"{path} has neither {arch}.vocab_size nor a tokenizer vocabulary")
+    experts = int(_field(reader, f"{arch}.expert_count", 0) or 0)
+    window = _field(reader, f"{arch}.attention.sliding_window")
+    head_dim = _field(reader, f"{arch}.attention.key_length") or _field(reader, f"{arch}.rope.dimension_count")
+    return ModelConfig(
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(need("feed_forward_length")),
+        num_layers=int(need("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv") or heads),
+        head_dim=int(head_dim or hidden // heads),
+        rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        sliding_window=int(window) if window else None,
+        num_experts=experts,
+        num_experts_per_tok=int(_field(reader, f"{arch}.expert_used_count", 2)) if experts else 0,
+        max_position_embeddings=int(_field(reader, f"{arch}.context_length", 4096)),
+        # all-float32 files (file_type 0) stay float32; quantized and 16-bit ones are 16-bit-sized
+        checkpoint_dtype="float32" if _field(reader, "general.file_type", 1) == 0 else "bfloat16",
+        layout="gguf",
+        bos_token_id=int(_field(reader, "tokenizer.ggml.bos_token_id", 1)),
+        eos_token_id=int(_field(reader, "tokenizer.ggml.eos_token_id", 2)),
+        tie_word_embeddings="output.weight" not in names,
+    )
+
+
 def load_model_config(path: str | Path) -> ModelConfig:
     """Read config.json (Hugging Face) or params.json (Mistral) from a checkpoint folder, or the
     metadata of a .gguf file."""
     path = Path(path)
     if path.suffix == ".gguf" and path.is_file():
-        from .gguf_checkpoint import gguf_model_config
-
-        return gguf_model_config(path)
+        return _from_gguf(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder {path} does not exist")
     if (path / "config.json").exists():

@@ -1,5 +1,5 @@
-"""GGUF checkpoints (llama.cpp's format): the model config from the metadata, tensors by their
-Hugging Face names, dequantized tensor by tensor.
+"""GGUF checkpoints (llama.cpp's format): tensors by their Hugging Face names, dequantized tensor by
+tensor (the model config from the metadata is workers/config.py's).
 
 Read with `gguf`'s own GGUFReader (a memory map: nothing is read until a tensor is asked for).
 Architecture `llama` as llama.cpp's converter writes it for Llama, Mistral (a sliding window when the
@@ -17,73 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import CheckpointError, ModelConfig
+from .config import CheckpointError, ModelConfig, gguf_reader
 from .tensor_names import ROTARY_PERMUTED, gguf_names, interleaved_to_half
 
-_ARCHITECTURES = ("llama",)
 _CHUNK_BYTES = 4 << 20  # float32 bytes dequantized at once (numpy makes a few temporaries of this size)
 INT4_GGUF_GROUP = 32  # columns per Q4_0 / Q4_1 block
 _INT4_HEADER_BYTES = {"Q4_0": 2, "Q4_1": 4}  # f16 d (and f16 m) before a block's 16 bytes of nibbles
-
-
-def _reader(path: Path):
-    from gguf import GGUFReader
-
-    try:
-        return GGUFReader(str(path), "r")
-    except (ValueError, OSError) as exc:
-        raise CheckpointError(f"{path} is not a readable GGUF file: {exc}") from None
-
-
-def _field(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
-
-
-def gguf_model_config(path: str | Path) -> ModelConfig:
-    path = Path(path)
-    reader = _reader(path)
-    arch = _field(reader, "general.architecture")
-    if arch not in _ARCHITECTURES:
-        raise CheckpointError(f"{path} has GGUF architecture {arch!r}; mixserve reads {', '.join(_ARCHITECTURES)} "
-                              "(Llama, Mistral, Mixtral as llama.cpp writes them)")
-
-    def need(key: str):
-        value = _field(reader, f"{arch}.{key}")
-        if value is None:
-            raise CheckpointError(f"{path} is missing the GGUF metadata field {arch}.{key}")
-        return value
-
-    hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
-    names = {t.name for t in reader.tensors}
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    vocab = _field(reader, f"{arch}.vocab_size") or (len(tokens.data) if tokens is not None else None)
-    if vocab is None:
-        raise CheckpointError(f"{path} has neither {arch}.vocab_size nor a tokenizer vocabulary")
-    experts = int(_field(reader, f"{arch}.expert_count", 0) or 0)
-    window = _field(reader, f"{arch}.attention.sliding_window")
-    head_dim = _field(reader, f"{arch}.attention.key_length") or _field(reader, f"{arch}.rope.dimension_count")
-    return ModelConfig(
-        vocab_size=int(vocab),
-        hidden_size=hidden,
-        intermediate_size=int(need("feed_forward_length")),
-        num_layers=int(need("block_count")),
-        num_heads=heads,
-        num_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv") or heads),
-        head_dim=int(head_dim or hidden // heads),
-        rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
-        sliding_window=int(window) if window else None,
-        num_experts=experts,
-        num_experts_per_tok=int(_field(reader, f"{arch}.expert_used_count", 2)) if experts else 0,
-        max_position_embeddings=int(_field(reader, f"{arch}.context_length", 4096)),
-        # all-float32 files (file_type 0) stay float32; quantized and 16-bit ones are 16-bit-sized
-        checkpoint_dtype="float32" if _field(reader, "general.file_type", 1) == 0 else "bfloat16",
-        layout="gguf",
-        bos_token_id=int(_field(reader, "tokenizer.ggml.bos_token_id", 1)),
-        eos_token_id=int(_field(reader, "tokenizer.ggml.eos_token_id", 2)),
-        tie_word_embeddings="output.weight" not in names,
-    )
 
 
 def _dequantize(raw: np.ndarray, qtype, name: str) -> np.ndarray:
@@ -118,7 +57,7 @@ class GgufCheckpointReader:
         # metadata (every vocabulary string and merge as its own array) takes ~150 MB for a 49k-token
         # vocabulary and is not needed once the tensors are found.
         self._tensors = {t.name: _TensorView(t.tensor_type, tuple(int(n) for n in t.shape), t.data)
-                         for t in _reader(self.path).tensors}
+                         for t in gguf_reader(self.path).tensors}
 
     def _find(self, hf_name: str):
         try:
