@@ -25,10 +25,8 @@ from mixserve.workers.ports import free_port
 from .app import build_app, cluster_node_cpus, resolve_model
 from .drain import drain_app
 from .ray_start import init_ray
-from .serve_config import APP_NAME, LLM_DEPLOYMENT
+from .serve_config import APP_NAME, GRPC_SERVICER, LLM_DEPLOYMENT
 from .settings import ServeSettings
-
-GRPC_SERVICER = "mixserve.router.generate_pb2_grpc.add_GenerateServiceServicer_to_server"
 
 
 def start_serve(settings: ServeSettings, on_ray_up: Callable[[], None] | None = None) -> str:

@@ -23,6 +23,7 @@ APP_NAME = "mixserve"  # the same name `mixserve serve` deploys under
 INGRESS_DEPLOYMENT = "OpenAIIngress"  # the app's deployments (cluster/app.py); in the direct shape the LLM
 LLM_DEPLOYMENT = "LLMServer"  # server is its own ingress and the only one
 IMPORT_PATH = "mixserve.cluster.app:app_builder"
+GRPC_SERVICER = "mixserve.router.generate_pb2_grpc.add_GenerateServiceServicer_to_server"  # Serve's gRPC proxy
 PROXY_FIELDS = {"host", "port", "grpc_port"}
 NOT_IN_CONFIG = {"address", *KEY_FIELDS}  # keys: from the nodes' environment only (settings.py)
 _BLOCK_START = re.compile(r"^(?P<indent>[ ]*)serveConfigV2:[ ]*\|[-+]?[ ]*$")
@@ -33,8 +34,6 @@ def serve_config(settings: ServeSettings, *, name: str = APP_NAME, route_prefix:
     args = settings.model_dump(exclude_defaults=True, exclude=PROXY_FIELDS | NOT_IN_CONFIG)
     config: dict = {"http_options": {"host": settings.host, "port": settings.port}}
     if settings.grpc_port:
-        from .serve_command import GRPC_SERVICER  # imports Serve and the app: only when needed
-
         config["grpc_options"] = {"port": settings.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]}
     config["applications"] = [{"name": name, "route_prefix": route_prefix, "import_path": IMPORT_PATH, "args": args}]
     return config
