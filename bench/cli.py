@@ -1,7 +1,9 @@
 """The `mixserve bench` subcommand: its parser and the handlers of its modes (offline, serve, compare, soak).
 
 `add_bench_parser(subparsers)` declares `bench` and its modes, each setting `handler=_run_bench_<mode>`;
-cluster/cli.py lists it in `_SUBCOMMANDS` and calls the handler, whose return value is the exit code.
+it is registered as the entry point `bench` of the group `mixserve.commands` (pyproject.toml), which
+cluster/cli.py adds to the `mixserve` command without importing this package; cluster/cli.py's `main`
+calls the handler, whose return value is the exit code.
 """
 
 import argparse

@@ -2,17 +2,21 @@
 
 Each subcommand is a pair: `_add_<name>_parser(subparsers)` declares its arguments and sets
 `handler=_run_<name>`; `main` parses and calls the handler, whose return value is the exit code.
-To add a subcommand (`serve`, `bench`), write such a pair and list the adder in `_SUBCOMMANDS`.
-`bench` and its modes live with the benchmarks: bench/cli.py's `add_bench_parser`.
+To add a subcommand (`serve`, `config`), write such a pair and list the adder in `_SUBCOMMANDS`.
+A package outside the product adds its own subcommand without this module importing it: its adder is
+an entry point of the group `mixserve.commands` (pyproject.toml), listed after the product's; that is
+how `bench` and its modes come from the benchmarks (bench/cli.py's `add_bench_parser`).
 """
 
 import argparse
 import sys
 import tempfile
+from importlib.metadata import entry_points
 from pathlib import Path
 
-from mixserve.bench.cli import add_bench_parser
 from mixserve.random_models.presets import PRESETS
+
+COMMAND_ENTRY_POINTS = "mixserve.commands"  # name = "module:add_parser" of a subcommand another package adds
 
 
 def _add_checkpoint_parser(subparsers) -> None:
@@ -196,14 +200,18 @@ def _run_config(args: argparse.Namespace) -> int:
     return 0
 
 
-_SUBCOMMANDS = [_add_checkpoint_parser, _add_serve_parser, add_bench_parser, _add_demo_parser, _add_config_parser,
-                _add_drain_parser]
+_SUBCOMMANDS = [_add_checkpoint_parser, _add_serve_parser, _add_demo_parser, _add_config_parser, _add_drain_parser]
+
+
+def _added_subcommands() -> list:
+    """The adders of the subcommands other installed packages register (`bench`), by name."""
+    return [entry.load() for entry in sorted(entry_points(group=COMMAND_ENTRY_POINTS), key=lambda e: e.name)]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixserve", description="Serve Mixtral / Mistral on a Ray cluster.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in _SUBCOMMANDS:
+    for add in _SUBCOMMANDS + _added_subcommands():
         add(subparsers)
     return parser
 
