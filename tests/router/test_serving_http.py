@@ -381,30 +381,3 @@ def test_grpc_and_http_requests_both_count_in_metrics(server, client):
     for endpoint, status in (("/v1/completions", "200"), ("grpc:Generate", "200"), ("grpc:Generate", "401"),
                              ("grpc:Generate", "400")):
         assert _counter(after, endpoint, status) == _counter(before, endpoint, status) + 1, (endpoint, status)
-
-
-def test_router_modules_import_no_cycle():
-    """router/'s modules form an acyclic import graph (the gRPC adapter once imported the ingress
-    that mixed it in)."""
-    import ast
-    from pathlib import Path
-
-    import mixserve.router
-
-    folder = Path(mixserve.router.__file__).parent
-    graph = {}
-    for path in folder.glob("*.py"):
-        imports = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                names = [node.module] if node.module else [alias.name for alias in node.names]
-                imports |= {name.split(".")[0] for name in names}
-        graph[path.stem] = imports & {p.stem for p in folder.glob("*.py")}
-
-    def visit(module, path):
-        assert module not in path, " -> ".join(path + [module])
-        for dependency in graph[module]:
-            visit(dependency, path + [module])
-
-    for module in graph:
-        visit(module, [])
