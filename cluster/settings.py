@@ -19,6 +19,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from mixserve.kernels.quantize import INT4_GROUP_SIZES
 from mixserve.workers.calibration import check_calibration_source
 from mixserve.workers.engine_config import EngineConfig
 
@@ -63,24 +64,30 @@ class ServeSettings(BaseModel):
     model: str | None = Field(None, description="checkpoint folder; None = the embedded demo model")
     served_model_name: str | None = Field(None, description="name clients send as `model` (default: folder name)")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="auto: the checkpoint's dtype, or float32 for a 16-bit checkpoint on a CPU without "
+        _ENGINE.dtype, description="auto: the checkpoint's dtype, or float32 for a 16-bit checkpoint on a CPU without "
         "native bf16 math when it fits in memory")
     linear_kernel: Literal["auto", "reference", "onednn"] = Field(
-        "auto", description="auto: the fastest kernel this machine runs, timed per weight shape at load")
+        _ENGINE.linear_kernel,
+        description="auto: the fastest kernel this machine runs, timed per weight shape at load")
     quantization: Literal["none", "int8", "int4"] = Field(
-        "none", description="weight-only quantization of the attention and expert/MLP weights at load")
-    quantization_group_size: int = Field(64, description="int4: input columns per scale (32, 64, 128 or 256; 32 "
-                                         "keeps a GGUF file's Q4_0/Q4_1 blocks exactly, without going through float)")
-    quantize_lm_head: bool = Field(False, description="quantize the LM head too (the embedding stays)")
+        _ENGINE.quantization,
+        description="weight-only quantization of the attention and expert/MLP weights at load")
+    quantization_group_size: int = Field(
+        _ENGINE.quantization_group_size, description="int4: input columns per scale (32, 64, 128 or 256; 32 keeps "
+        "a GGUF file's Q4_0/Q4_1 blocks exactly, without going through float)")
+    quantize_lm_head: bool = Field(_ENGINE.quantize_lm_head,
+                                   description="quantize the LM head too (the embedding stays)")
     quantization_calibration: str = Field(
-        "none", description="none: round each weight as it is; builtin (English docstrings of the Python standard "
-        "library) or the path of a UTF-8 text file present on every node: observe the model on 2048 tokens of it "
-        "first and scale each input channel by its activations before rounding (AWQ-style; load takes longer)")
-    device: Literal["cpu", "cuda"] = "cpu"
+        _ENGINE.quantization_calibration, description="none: round each weight as it is; builtin (English docstrings "
+        "of the Python standard library) or the path of a UTF-8 text file present on every node: observe the model "
+        "on 2048 tokens of it first and scale each input channel by its activations before rounding (AWQ-style; "
+        "load takes longer)")
+    device: Literal["cpu", "cuda"] = _ENGINE.device
     # engine, per replica
-    tensor_parallel_size: int = Field(1, ge=1)
-    expert_parallel: bool = Field(False, description="split MoE layers by whole experts across the ranks")
-    max_model_len: int | None = Field(None, ge=2)
+    tensor_parallel_size: int = Field(_ENGINE.tensor_parallel_size, ge=1)
+    expert_parallel: bool = Field(_ENGINE.expert_parallel,
+                                  description="split MoE layers by whole experts across the ranks")
+    max_model_len: int | None = Field(_ENGINE.max_model_len, ge=2)
     max_num_seqs: int = Field(_ENGINE.max_num_seqs, ge=1)
     max_num_batched_tokens: int = Field(_ENGINE.max_num_batched_tokens, ge=16)
     block_size: int = Field(_ENGINE.block_size, ge=1)
@@ -118,7 +125,7 @@ class ServeSettings(BaseModel):
     graceful_shutdown_timeout_s: float = Field(
         120.0, ge=0, description="a replica being removed (scale-down, redeploy) takes no new requests and gets this "
         "long to finish the ones it has before it is stopped")
-    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = "STRICT_PACK"
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = _ENGINE.placement_strategy
     max_ongoing_requests: int = Field(64, ge=1, description="requests a replica works on at once")
     max_queued_requests: int = Field(128, ge=1, description="beyond this the API answers 503 + Retry-After")
     ingress: Literal["separate", "direct"] = Field(
@@ -186,8 +193,9 @@ class ServeSettings(BaseModel):
 
     @model_validator(mode="after")
     def _group_size(self):
-        if self.quantization_group_size not in (32, 64, 128, 256):
-            raise ValueError(f"quantization_group_size must be 32, 64, 128 or 256; got {self.quantization_group_size}")
+        if self.quantization_group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"quantization_group_size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}; "
+                             f"got {self.quantization_group_size}")
         return self
 
     @model_validator(mode="after")
