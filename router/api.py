@@ -77,7 +77,7 @@ async def _until_done_or_disconnected(request: Request, work):
     return task.result()
 
 
-def build_api(pipeline: RequestPipeline, max_body_bytes: int = 1 << 20) -> FastAPI:
+def build_api(pipeline: RequestPipeline, max_body_bytes: int) -> FastAPI:
     """The app's routes, each closing over `pipeline`."""
     api = FastAPI(title="mixserve", docs_url=None, redoc_url=None)
     p = pipeline

@@ -28,20 +28,22 @@ from .request_log import RequestLog
 from .request_pipeline import EngineClient, PipelineModel, RequestPipeline
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class IngressOptions:
+    """Built by cluster/settings.py's ServeSettings.ingress_options, where the defaults live."""
+
     model: str  # checkpoint folder (for the tokenizer and the context length)
     served_model_name: str
-    block_size: int = 16
+    block_size: int  # the engine's KV block size
     max_model_len: int | None = None
     api_key: str | None = field(default=None, repr=False)
     admin_key: str | None = field(default=None, repr=False)  # POST /v1/re_isq needs it; 403 without one
-    max_body_bytes: int = 1 << 20
+    max_body_bytes: int
     request_log: str | None = None
     prompt_text: bool = False  # the LLM-server's router reads the prompt's text (Ray's prefix-tree router)
     http_address: tuple[str, int] | None = None  # (host, port) this replica serves HTTP on itself
     max_in_flight: int | None = None  # requests at once before 503 where no Serve queue caps them (direct HTTP)
-    drain_s: float = 120.0  # when Serve stops the replica: how long its own HTTP server's requests may run on
+    drain_s: float  # when Serve stops the replica: how long its own HTTP server's requests may run on
 
 
 def serve_http_in_thread(app, host: str, port: int) -> tuple[uvicorn.Server, threading.Thread]:

@@ -14,7 +14,7 @@ serving the old shards in step, and the caller gets WeightReloadError naming the
 """
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import ray
 from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
@@ -33,11 +33,13 @@ class RankFailure(RuntimeError):
 
 @dataclass(slots=True)
 class PlacementSpec:
-    rank_bundle: dict = field(default_factory=lambda: {"CPU": 1.0})
-    strategy: str = "STRICT_PACK"
-    use_current_placement_group: bool = False  # inside a Serve replica with placement_group_bundles
-    rank_bundle_offset: int = 0  # first bundle of the current group that belongs to rank 0
-    rank_threads: int | None = None  # torch threads per rank (default: the bundle's CPUs, at least 1)
+    """Where the ranks run; built from EngineConfig's fields of the same meaning (their defaults live there)."""
+
+    rank_bundle: dict
+    strategy: str
+    use_current_placement_group: bool  # inside a Serve replica with placement_group_bundles
+    rank_bundle_offset: int  # first bundle of the current group that belongs to rank 0
+    rank_threads: int | None  # torch threads per rank (None: the bundle's CPUs, at least 1)
 
 
 class RayExecutor:
