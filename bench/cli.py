@@ -10,7 +10,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from mixserve.kernels.quantize import INT4_GROUP_SIZES
 from mixserve.random_models.presets import PRESETS
+from mixserve.workers.engine_config import EngineConfig
+
+_ENGINE = EngineConfig(model="")  # the engine's defaults, which the flags below reuse
 
 
 def _resolve_model(model: Path | None, preset: str | None, cache_dir: Path | None) -> Path:
@@ -43,14 +47,16 @@ def add_bench_parser(subparsers) -> None:
     off.add_argument("--num-prompts", type=int, default=32)
     off.add_argument("--input-len", type=int, default=128)
     off.add_argument("--output-len", type=int, default=64)
-    off.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+    off.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=_ENGINE.dtype,
                      help="auto: the checkpoint's dtype where the CPU has native bf16 math, else float32")
-    off.add_argument("--linear-kernel", choices=["auto", "reference", "onednn"], default="auto",
+    off.add_argument("--linear-kernel", choices=["auto", "reference", "onednn"], default=_ENGINE.linear_kernel,
                      help="auto: each weight shape's fastest kernel, timed at load")
-    off.add_argument("--quantization", choices=["none", "int8", "int4"], default="none",
+    off.add_argument("--quantization", choices=["none", "int8", "int4"], default=_ENGINE.quantization,
                      help="weight-only quantization of the attention and expert weights at load")
-    off.add_argument("--quantization-group-size", type=int, default=64, choices=[32, 64, 128, 256])
-    off.add_argument("--quantization-calibration", default="none", metavar="none|builtin|FILE",
+    off.add_argument("--quantization-group-size", type=int, default=_ENGINE.quantization_group_size,
+                     choices=INT4_GROUP_SIZES)
+    off.add_argument("--quantization-calibration", default=_ENGINE.quantization_calibration,
+                     metavar="none|builtin|FILE",
                      help="activation-aware quantization calibrated on this text (workers/calibration.py)")
     off.add_argument("--one-at-a-time", type=int, default=0, metavar="N",
                      help="also generate the first N prompts one after another, each alone, and report that "
@@ -223,7 +229,7 @@ def _add_bench_soak_parser(modes) -> None:
     p.add_argument("--replica-cpus", type=float, default=None,
                    help="Ray CPUs of an LLM-server replica (default: as mixserve serve decides them)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per replica (default: its CPUs)")
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--tensor-parallel-size", type=int, default=_ENGINE.tensor_parallel_size)
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight")
     p.add_argument("--requests", type=int, default=400, help="stop after sending this many")
     p.add_argument("--duration-s", type=float, default=600.0, help="or after this many seconds")

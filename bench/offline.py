@@ -52,7 +52,7 @@ def median_run(runs: list[dict], key: str) -> dict:
 
 
 def bench_mixserve(model: str, workload: OfflineWorkload, dtype: str = "auto", weights=None,
-                   one_at_a_time: int = 0, max_num_batched_tokens: int = 2048, repeats: int = 1) -> dict:
+                   one_at_a_time: int = 0, repeats: int = 1) -> dict:
     """The batch figure (the median of `repeats` runs), and under "one_at_a_time" the sequential
     one when asked for; "dtype" is the dtype the engine computes in (auto resolved), "kernels" its
     kernel report."""
@@ -68,7 +68,6 @@ def bench_mixserve(model: str, workload: OfflineWorkload, dtype: str = "auto", w
         model=model, dtype=dtype, linear_kernel=weights.linear_kernel, quantization=weights.quantization,
         quantization_group_size=weights.group_size, quantization_calibration=weights.calibration,
         max_num_seqs=max(workload.num_prompts, 1),
-        max_num_batched_tokens=max_num_batched_tokens,
         kv_cache_bytes=max(64 << 20, 2 * per_seq * workload.num_prompts * 16 << 10),
         enable_prefix_caching=False,
     ))
