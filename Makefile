@@ -25,7 +25,7 @@ serve: $(STAMP)
 
 # -P and pytest's importlib mode keep the repository root off sys.path: its kernels/ folder would shadow
 # Hugging Face's `kernels` package, which transformers imports (tests/test_import_path.py guards this).
-# `make test` (~15 min on 2 cores) leaves out the tests marked slow; `make test-slow` runs only those
+# `make test` (~10 min on 2 cores) leaves out the tests marked slow; `make test-slow` runs only those
 # (whole servers started and signalled, several Ray clusters, TP ranks, real-model quality). CI runs both.
 test: $(STAMP)
 	$(BIN)/python -P -m pytest -q -m "not slow" $(PYTEST_ARGS) tests

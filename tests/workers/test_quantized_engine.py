@@ -108,6 +108,7 @@ def _perplexity(runner: ModelRunner, ids: list[int], window: int = 1024) -> floa
     return math.exp(nll / count)
 
 
+@pytest.mark.slow  # ~5 min: four 20,480-token perplexity runs of SmolLM2 (unquantized, int8, int4, calibrated int8)
 def test_smollm2_perplexity_on_20k_tokens_of_english_moves_little():
     from .test_gguf_smollm2 import GGUF
 
