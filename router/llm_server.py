@@ -55,8 +55,8 @@ class LLMServer:
         self._load_pending = False
         def build() -> LLMEngine:  # on the engine thread (workers/async_engine.py's thread rule)
             engine = LLMEngine(engine_config)
-            if warmup_s > 0:
-                warm_up(engine, warmup_s)
+            if warmup_s > 0:  # logged here: Serve's logger reaches the replica's log, a module's INFO does not
+                logger.info("%s", warm_up(engine, warmup_s).line())
             return engine
 
         self.engine = AsyncLLMEngine(build, on_failure=self._leave if in_serve else None, on_load=self._on_load)

@@ -15,15 +15,12 @@ cache is emptied (its blocks hold throw-away prompts) and the engine's counters 
 nothing it did is visible after.
 """
 
-import logging
 import random
 import time
 from dataclasses import dataclass
 
 from .engine import LLMEngine
 from .sampling_params import SamplingParams
-
-log = logging.getLogger(__name__)
 
 WARMUP_DECODE_TOKENS = 4
 WARMUP_PROMPT_TOKENS = 16  # of each decode-phase request
@@ -35,6 +32,13 @@ class WarmupReport:
     steps: int
     batch_sizes: list[int]  # decode batch sizes run
     complete: bool  # False when the budget ran out first
+    prefill_tokens: int  # of the full prefill step
+    skipped: list[str]  # step shapes this engine cannot hold (a small KV cache), with the reason
+
+    def line(self) -> str:
+        return (f"warm-up: {self.steps} steps (prefill {self.prefill_tokens} tokens, decode batches "
+                f"{self.batch_sizes}) in {self.seconds:.1f} s{'' if self.complete else ' (budget reached)'}"
+                + "".join(f"; skipped: {why}" for why in self.skipped))
 
 
 def _batch_sizes(max_num_seqs: int) -> list[int]:
@@ -52,7 +56,7 @@ def warm_up(engine: LLMEngine, budget_s: float = 60.0, seed: int = 0) -> WarmupR
     vocab = engine.model_config.vocab_size
     config = engine.config
     max_len = engine.max_model_len
-    steps, sizes, complete = 0, [], True
+    steps, sizes, complete, skipped = 0, [], True, []
 
     def prompt(n: int) -> list[int]:
         return [rng.randrange(3, vocab) for _ in range(max(1, min(n, max_len - WARMUP_DECODE_TOKENS - 1)))]
@@ -71,7 +75,7 @@ def warm_up(engine: LLMEngine, budget_s: float = 60.0, seed: int = 0) -> WarmupR
                 engine.step()
                 steps += 1
         except ValueError as exc:  # a shape this engine cannot hold (a small KV cache): skipped
-            log.info("warm-up skips a step shape: %s", exc)
+            skipped.append(str(exc))
         finally:
             for request_id in ids:
                 engine.abort_request(request_id)
@@ -87,7 +91,4 @@ def warm_up(engine: LLMEngine, budget_s: float = 60.0, seed: int = 0) -> WarmupR
         sizes.append(b)
     engine.kv.pool.reset_prefix_cache()
     engine.reset_counters()
-    report = WarmupReport(time.monotonic() - started, steps, sizes, complete)
-    log.info("warm-up: %d steps (prefill %d tokens, decode batches %s) in %.1f s%s", report.steps, budget_tokens,
-             report.batch_sizes, report.seconds, "" if complete else " (budget reached)")
-    return report
+    return WarmupReport(time.monotonic() - started, steps, sizes, complete, budget_tokens, skipped)
