@@ -144,6 +144,7 @@ def build_api(pipeline: RequestPipeline, max_body_bytes: int) -> FastAPI:
     @api.get("/health")
     async def health():
         p.refuse_while_draining()  # a load balancer's probe takes this replica out of rotation
+        await p.refuse_until_ready()
         return {"status": "ok"}
 
     @api.get("/metrics")

@@ -35,6 +35,7 @@ from .token_relay import RelayedStream, RelayReceiver, RelaySender, encode_load,
 
 EXIT_GRACE_S = 1.0  # after an engine failure: time for the error chunks to reach the ingress
 LOAD_PERIOD_S = 0.05  # at most this often a replica sends its load to the ingresses
+READY_WAIT_S = 1.0  # how long /health waits for the readiness probe before it answers 503
 logger = logging.getLogger("ray.serve")
 
 
@@ -195,6 +196,25 @@ class RemoteLLM:
     def __init__(self, handle):
         self.handle = handle
         self._receiver: RelayReceiver | None = None
+        self._answered = False  # a replica has answered a call (it warmed up before Serve sent it one)
+        self._probe: asyncio.Future | None = None
+
+    async def ready(self) -> bool:
+        """True once a replica has answered one cheap call. One probe at a time: it waits in Serve's
+        queue until a replica runs (a replica takes calls only after its warm-up); each caller waits
+        for it at most READY_WAIT_S."""
+        if not self._answered:
+            if self._probe is None or self._probe.done():
+                self._probe = asyncio.ensure_future(self._answer_once())
+            await asyncio.wait({self._probe}, timeout=READY_WAIT_S)
+        return self._answered
+
+    async def _answer_once(self) -> None:
+        try:
+            await self.handle.kernel_report.remote()
+            self._answered = True
+        except Exception:  # its replica failed or was replaced: the next probe asks again
+            pass
 
     def open_stream(self, req: GenerateRequest):
         if self._receiver is None:
@@ -243,3 +263,6 @@ class LocalLLM:
 
     def current_loads(self) -> list[ReplicaLoad]:
         return [self.server.load()]
+
+    async def ready(self) -> bool:
+        return True  # built, and warmed up, before this process serves

@@ -80,6 +80,9 @@ class EngineClient(Protocol):
     def current_loads(self) -> list[ReplicaLoad]:
         """The engines' loads as known now, for /metrics (may be empty)."""
 
+    async def ready(self) -> bool:
+        """An engine has answered, so a request sent now is served, not held until one has started."""
+
 
 class RequestPipeline:
     def __init__(self, model: PipelineModel, llm: EngineClient, metrics: ServingMetrics, request_log: RequestLog,
@@ -108,6 +111,13 @@ class RequestPipeline:
         if self.draining:
             raise ApiError(503, "the server is shutting down and takes no new requests; retry shortly",
                            "server_error", "shutting_down")
+
+    async def refuse_until_ready(self) -> None:
+        """/health answers 503 until an engine has answered: a replica loads and warms up after the
+        ingress is up, and a client (or a readiness probe) that starts on the first 200 must not wait for it."""
+        if not await self.llm.ready():
+            raise ApiError(503, "the server is starting: no LLM-server replica has answered yet; retry shortly",
+                           "server_error", "starting")
 
     # ---- authorize, parse, tokenize, validate ------------------------------------------------
 
