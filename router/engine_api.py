@@ -12,6 +12,7 @@ LLM-server replicas. Plain dataclasses of lists and numbers: cheap to pickle acr
 
 from dataclasses import asdict, dataclass, field
 
+from ..workers.sampling_params import SamplingParams
 from ..workers.step_input import TokenLogprobs as TokenLogprob  # the engine's own record, shared as is
 
 
@@ -19,7 +20,7 @@ from ..workers.step_input import TokenLogprobs as TokenLogprob  # the engine's o
 class GenerateRequest:
     request_id: str
     prompt_token_ids: list[int]
-    sampling: dict  # keyword arguments of workers.sampling_params.SamplingParams
+    sampling: SamplingParams  # checked once, at the boundary (RequestPipeline.request)
     block_hashes: list[int] = field(default_factory=list)
     prompt: str = ""  # the prompt's text, for routers that read it (Ray's PrefixCacheAffinityRouter); else ""
     reply_to: tuple[str, int, str] | None = None  # the ingress's relay receiver (router/token_relay.py)

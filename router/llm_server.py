@@ -28,7 +28,6 @@ from ..workers.async_engine import AsyncLLMEngine, fold_reports
 from ..workers.engine import LLMEngine, describe_kernels
 from ..workers.engine_config import EngineConfig
 from ..workers.outputs import RequestOutput
-from ..workers.sampling_params import SamplingParams
 from ..workers.warmup import warm_up
 from .engine_api import ChoiceDelta, GenerateChunk, GenerateRequest, ReplicaLoad, ReplicaRoutingStats
 from .token_relay import RelayedStream, RelayReceiver, RelaySender, encode_load, relay_receiver
@@ -137,9 +136,8 @@ class LLMServer:
         folded until a choice holds `stream_interval` new tokens or the request finishes. Each chunk
         is a Ray object crossing to the ingress, so on a small CPU fewer chunks leave more of it to
         the model."""
-        params = SamplingParams(**request.sampling)
         first, held = True, None
-        async for out in self.engine.generate(request.prompt_token_ids, params, request.request_id):
+        async for out in self.engine.generate(request.prompt_token_ids, request.sampling, request.request_id):
             held = out if held is None else fold_reports(held, out)
             new = max((len(c.delta_token_ids) for c in held.outputs), default=0)
             if first or held.finished or new >= self.stream_interval:

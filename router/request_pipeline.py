@@ -166,13 +166,12 @@ class RequestPipeline:
             max_tokens = completion_budget(len(ids), sampling["max_tokens"], self.model.max_model_len)
         except ContextLengthError as exc:
             raise ApiError(400, str(exc), param="max_tokens", code="context_length_exceeded") from None
-        sampling = {**sampling, "max_tokens": max_tokens}
         try:
-            SamplingParams(**sampling)
+            params = SamplingParams(**{**sampling, "max_tokens": max_tokens})
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
         text = self.model.tokenizer.decode(ids) if self.model.prompt_text else ""
-        return GenerateRequest(request_id, ids, sampling, block_hashes(ids, self.model.block_size), text)
+        return GenerateRequest(request_id, ids, params, block_hashes(ids, self.model.block_size), text)
 
     # ---- route and stream ----------------------------------------------------------------------
 

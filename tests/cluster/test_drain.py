@@ -212,6 +212,7 @@ def test_draining_a_node_moves_its_replica_elsewhere_after_the_stream_on_it_ends
     from mixserve.cluster.ray_start import ray_working_directory
     from mixserve.cluster.settings import ServeSettings
     from mixserve.router.engine_api import GenerateRequest
+    from mixserve.workers.sampling_params import SamplingParams
 
     settings = ServeSettings(model=str(tiny_checkpoint), dtype="float32", max_model_len=2048, replica_cpus=1.0,
                              rank_cpus=1.0, kv_cache_bytes=32 << 20, graceful_shutdown_timeout_s=120,
@@ -233,7 +234,7 @@ def test_draining_a_node_moves_its_replica_elsewhere_after_the_stream_on_it_ends
 
         def stream():
             req = GenerateRequest("long", [1] + list(range(300, 310)),
-                                  {"max_tokens": 1500, "ignore_eos": True, "temperature": 0.0})
+                                  SamplingParams(max_tokens=1500, ignore_eos=True, temperature=0.0))
             for chunk in llm.generate.remote(req):
                 tokens.extend(chunk.choices[0].delta_token_ids)
             stream_ended.append(time.monotonic())

@@ -7,6 +7,7 @@ import pytest
 from mixserve.router.engine_api import GenerateRequest
 from mixserve.router.llm_server import LLMServer
 from mixserve.workers.engine_config import EngineConfig
+from mixserve.workers.sampling_params import SamplingParams
 from tests.workers.engine_helpers import greedy, make_engine, random_prompts
 
 
@@ -15,7 +16,7 @@ def test_tokens_stream_n_at_a_time_after_an_immediate_first_chunk(tiny_checkpoin
     prompt = random_prompts([20], seed=71)[0]
     expected = make_engine(tiny_checkpoint).generate([prompt], greedy(18, logprobs=1))[0].outputs[0]
     server = LLMServer(EngineConfig(model=str(tiny_checkpoint), dtype="float32", num_blocks=64), stream_interval=interval)
-    sampling = dict(temperature=0, max_tokens=18, ignore_eos=True, logprobs=1)
+    sampling = SamplingParams(temperature=0, max_tokens=18, ignore_eos=True, logprobs=1)
 
     async def collect():
         return [c async for c in server.generate(GenerateRequest("r1", prompt, sampling))]

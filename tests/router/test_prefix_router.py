@@ -15,6 +15,7 @@ from mixserve.cluster.ray_start import init_ray
 from mixserve.router.engine_api import GenerateRequest, ReplicaRoutingStats
 from mixserve.router.prefix_router import Candidate, PrefixAffinityPolicy
 from mixserve.workers.prefix_hash import block_hashes
+from mixserve.workers.sampling_params import SamplingParams
 
 BLOCK = 4
 
@@ -224,14 +225,14 @@ LOAD_TOKENS = 3  # a hot prefix of n blocks (4n tokens) stays on its replica unt
 )
 class StandInServer:
     """Answers with its replica id, remembers the block hashes it served and publishes them.
-    `sampling["sleep_s"]` makes a request slow."""
+    A request takes `max_tokens` hundredths of a second."""
 
     def __init__(self):
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.hashes: dict[int, None] = {}
 
     async def generate(self, request: GenerateRequest) -> str:
-        await asyncio.sleep(request.sampling.get("sleep_s", 0.05))
+        await asyncio.sleep(request.sampling.max_tokens / 100)
         self.hashes.update(dict.fromkeys(request.block_hashes))
         return self.replica
 
@@ -250,10 +251,10 @@ def handle():
         ray.shutdown()
 
 
-def _request(rng: random.Random, prefix: list[int], tail_seed: int, **sampling) -> GenerateRequest:
+def _request(rng: random.Random, prefix: list[int], tail_seed: int, max_tokens: int = 5) -> GenerateRequest:
     tail_tokens = [rng.randrange(32000) for _ in range(BLOCK)]
     tail = block_hashes(tail_tokens, BLOCK, parent=prefix[-1], start_block=len(prefix))
-    return GenerateRequest(f"r{tail_seed}", [], sampling, prefix + tail)
+    return GenerateRequest(f"r{tail_seed}", [], SamplingParams(max_tokens=max_tokens), prefix + tail)
 
 
 @pytest.fixture(scope="module")
@@ -316,7 +317,7 @@ def test_a_hot_prefix_spreads_when_its_replica_is_overloaded(handle, owners, sha
     first, _, _ = owners
     rng = random.Random(2)
     owner = first[0]
-    responses = [handle.generate.remote(_request(rng, shared_prefixes[0], 2000 + k, sleep_s=1.5)) for k in range(16)]
+    responses = [handle.generate.remote(_request(rng, shared_prefixes[0], 2000 + k, max_tokens=150)) for k in range(16)]
     landed = Counter(r.result(timeout_s=30) for r in responses)
     other = landed.total() - landed[owner]
     print(f"16 slow requests of one prefix: owner {landed[owner]}, other {other}")
