@@ -114,17 +114,14 @@ def build_app(settings: ServeSettings) -> serve.Application:
         settings = settings.with_cpus_for(*cluster_node_cpus())
     model = resolve_model(settings)
     name = settings.served_model_name or (_model_name(model) if settings.model else DEMO_MODEL_NAME)
-    threads = settings.engine_threads() if settings.tensor_parallel_size == 1 else 1
+    server = settings.llm_server_spec(model)
     if settings.ingress == "direct":  # the LLM server is its own ingress: one deployment, named as the LLM server
         options = {k: v for k, v in _llm_deployment_options(settings).items() if k != "request_router_config"}
         if settings.direct_http and "placement_group_bundles" not in options:
             options["ray_actor_options"] = {**options["ray_actor_options"], **_this_node()}
         return serve.deployment(DirectIngress).options(**options).bind(
-            settings.ingress_options(model, name),
-            (settings.engine_config(model), threads, settings.stream_interval, settings.warmup_s))
-    llm = serve.deployment(LLMServer).options(**_llm_deployment_options(settings)).bind(
-        settings.engine_config(model), threads, stream_interval=settings.stream_interval, warmup_s=settings.warmup_s
-    )
+            settings.ingress_options(model, name), server)
+    llm = serve.deployment(LLMServer).options(**_llm_deployment_options(settings)).bind(server)
     actor = {"num_cpus": settings.ingress_cpus, **(_this_node() if settings.direct_http else {})}
     ingress = serve.deployment(OpenAIIngress).options(
         name=INGRESS_DEPLOYMENT, num_replicas=settings.ingress_replicas, max_ongoing_requests=1024,

@@ -281,6 +281,17 @@ class ServeSettings(BaseModel):
             rank_threads=self.engine_threads(),
         )
 
+    def llm_server_spec(self, model_path: str):
+        """What each LLM-server replica is built from (router/llm_server.py LLMServerSpec): the engine,
+        the replica's torch threads (a TP replica's own process only schedules: 1), streaming, warm-up."""
+        from mixserve.router.llm_server import LLMServerSpec
+
+        return LLMServerSpec(
+            engine_config=self.engine_config(model_path),
+            num_threads=self.engine_threads() if self.tensor_parallel_size == 1 else 1,
+            stream_interval=self.stream_interval, warmup_s=self.warmup_s,
+        )
+
     def ingress_options(self, model_path: str, served_model_name: str):
         """The ingress's IngressOptions (router/ingress.py)."""
         from mixserve.router.ingress import IngressOptions

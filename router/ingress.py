@@ -22,7 +22,7 @@ from ..workers.request_checks import max_model_len
 from ..workers.tokenizer import Tokenizer
 from .api import build_api
 from .grpc_service import GrpcGenerateMixin
-from .llm_server import LLMServer, LocalLLM, RemoteLLM
+from .llm_server import LLMServer, LLMServerSpec, LocalLLM, RemoteLLM
 from .metrics import ServingMetrics
 from .request_log import RequestLog
 from .request_pipeline import EngineClient, PipelineModel, RequestPipeline
@@ -108,12 +108,11 @@ class OpenAIIngress(_ApiHost):
 
 @serve.ingress()
 class DirectIngress(_ApiHost):
-    """The direct shape: one deployment whose replica runs the engine itself (`engine` = (EngineConfig,
-    torch threads, stream interval, warm-up seconds)), and so also answers Serve's health checks and the LLM-server
-    calls (stats, kernel_report) for it."""
+    """The direct shape: one deployment whose replica runs the engine itself (built from `server`), and
+    so also answers Serve's health checks and the LLM-server calls (stats, kernel_report) for it."""
 
-    def __init__(self, options: IngressOptions, engine: tuple):
-        self.local = LLMServer(engine[0], engine[1], stream_interval=engine[2], warmup_s=engine[3])
+    def __init__(self, options: IngressOptions, server: LLMServerSpec):
+        self.local = LLMServer(server)
         self._start(LocalLLM(self.local), options)
 
     async def check_health(self) -> None:

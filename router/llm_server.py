@@ -38,13 +38,22 @@ READY_WAIT_S = 1.0  # how long /health waits for the readiness probe before it a
 logger = logging.getLogger("ray.serve")
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class LLMServerSpec:
+    """What one LLM-server replica is built from (ServeSettings.llm_server_spec): both serving shapes
+    (the LLMServer deployment and DirectIngress) receive it whole."""
+    engine_config: EngineConfig
+    num_threads: int | None  # torch threads of the replica (None: leave torch's)
+    stream_interval: int
+    warmup_s: float  # run the step shapes it will serve for at most this long before it takes requests
+    #                  (workers/warmup.py; 0: none)
+
+
 class LLMServer:
-    def __init__(self, engine_config: EngineConfig, num_threads: int | None = None, max_published_hashes: int = 8192,
-                 stream_interval: int = 1, warmup_s: float = 0.0):
-        """`warmup_s`: run the step shapes it will serve for at most this long before it takes requests
-        (workers/warmup.py; 0: none)."""
-        if num_threads:
-            torch.set_num_threads(num_threads)
+    def __init__(self, spec: LLMServerSpec, max_published_hashes: int = 8192):
+        if spec.num_threads:
+            torch.set_num_threads(spec.num_threads)
+        engine_config, warmup_s = spec.engine_config, spec.warmup_s
         try:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
             in_serve = True
@@ -65,7 +74,7 @@ class LLMServer:
                     describe_kernels(engine.kernel_report()), engine.weight_format.quantization,
                     engine.weight_bytes() / 2**30, torch.get_num_threads())
         self.max_published_hashes = max_published_hashes
-        self.stream_interval = stream_interval
+        self.stream_interval = spec.stream_interval
         self.relay = RelaySender()
 
     def _leave(self, exc: BaseException) -> None:

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from mixserve.router.engine_api import GenerateRequest
-from mixserve.router.llm_server import LLMServer
+from mixserve.router.llm_server import LLMServer, LLMServerSpec
 from mixserve.workers.engine_config import EngineConfig
 from mixserve.workers.sampling_params import SamplingParams
 from tests.workers.engine_helpers import greedy, make_engine, random_prompts
@@ -15,7 +15,8 @@ from tests.workers.engine_helpers import greedy, make_engine, random_prompts
 def test_tokens_stream_n_at_a_time_after_an_immediate_first_chunk(tiny_checkpoint, interval):
     prompt = random_prompts([20], seed=71)[0]
     expected = make_engine(tiny_checkpoint).generate([prompt], greedy(18, logprobs=1))[0].outputs[0]
-    server = LLMServer(EngineConfig(model=str(tiny_checkpoint), dtype="float32", num_blocks=64), stream_interval=interval)
+    server = LLMServer(LLMServerSpec(EngineConfig(model=str(tiny_checkpoint), dtype="float32", num_blocks=64),
+                                     num_threads=None, stream_interval=interval, warmup_s=0.0))
     sampling = SamplingParams(temperature=0, max_tokens=18, ignore_eos=True, logprobs=1)
 
     async def collect():
