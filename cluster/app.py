@@ -74,10 +74,10 @@ def _llm_deployment_options(s: ServeSettings) -> dict:
         }
     else:
         options["num_replicas"] = s.replicas
-    if s.tensor_parallel_size > 1:
-        rank = {"CPU": s.rank_cpus, **({"GPU": s.rank_gpus} if s.rank_gpus else {})}
-        options["placement_group_bundles"] = [{"CPU": s.replica_cpus}] + [rank] * s.tensor_parallel_size
-        options["placement_group_strategy"] = s.placement_strategy
+    plan = s.placement_plan()
+    if (bundles := plan.serve_bundles(s.tensor_parallel_size)) is not None:
+        options["placement_group_bundles"] = bundles
+        options["placement_group_strategy"] = plan.strategy
     if s.prefix_routing:
         ours = s.prefix_router == "mixserve"
         options["request_router_config"] = RequestRouterConfig(

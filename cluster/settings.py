@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from mixserve.kernels.quantize import INT4_GROUP_SIZES
 from mixserve.workers.calibration import check_calibration_source
 from mixserve.workers.engine_config import EngineConfig
+from mixserve.workers.placement_plan import PlacementPlan
 
 API_KEY_ENV = "MIXSERVE_API_KEY"
 ADMIN_KEY_ENV = "MIXSERVE_ADMIN_KEY"
@@ -117,7 +118,7 @@ class ServeSettings(BaseModel):
     rank_cpus: float | None = Field(
         None, gt=0, description="CPUs of one tensor-parallel rank actor (its torch threads); default: a node's CPUs "
         "shared by the ranks that may run on it, at least 1")
-    rank_gpus: float = Field(0.0, ge=0, description="GPUs of one tensor-parallel rank actor")
+    rank_gpus: float = Field(_ENGINE.placement.rank_gpus, ge=0, description="GPUs of one tensor-parallel rank actor")
     ingress_cpus: float = Field(0.1, gt=0)
     ingress_replicas: int = Field(1, ge=1, description="replicas of the HTTP/gRPC ingress")
     health_check_period_s: float = Field(5.0, gt=0, description="how often Serve checks each LLM-server replica")
@@ -125,7 +126,7 @@ class ServeSettings(BaseModel):
     graceful_shutdown_timeout_s: float = Field(
         120.0, ge=0, description="a replica being removed (scale-down, redeploy) takes no new requests and gets this "
         "long to finish the ones it has before it is stopped")
-    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = _ENGINE.placement_strategy
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = _ENGINE.placement.strategy
     max_ongoing_requests: int = Field(64, ge=1, description="requests a replica works on at once")
     max_queued_requests: int = Field(128, ge=1, description="beyond this the API answers 503 + Retry-After")
     ingress: Literal["separate", "direct"] = Field(
@@ -256,17 +257,21 @@ class ServeSettings(BaseModel):
             replicas = self.replicas
         else:
             replicas = self.max_replicas if at_most else max(self.min_replicas, 1)
-        ranks = self.tensor_parallel_size * self.rank_cpus if self.tensor_parallel_size > 1 else 0.0
         ingress = 0.0 if self.ingress == "direct" else self.ingress_replicas * self.ingress_cpus
-        return replicas * (self.replica_cpus + ranks) + ingress
+        return replicas * self.placement_plan().replica_cpus_needed(self.tensor_parallel_size) + ingress
+
+    def placement_plan(self) -> PlacementPlan:
+        """Where a replica's actors run (workers/placement_plan.py), CPUs decided for this machine
+        where left to the default."""
+        if not self.cpus_decided:
+            return self.with_cpus_for(os.cpu_count() or 1).placement_plan()
+        return PlacementPlan(rank_cpus=self.rank_cpus, rank_gpus=self.rank_gpus, strategy=self.placement_strategy,
+                             replica_cpus=self.replica_cpus, rank_threads=self.engine_threads())
 
     def engine_config(self, model_path: str) -> EngineConfig:
         """The EngineConfig of one replica (CPUs left to the default decided for this machine)."""
         if not self.cpus_decided:
             return self.with_cpus_for(os.cpu_count() or 1).engine_config(model_path)
-        rank_bundle = {"CPU": self.rank_cpus}
-        if self.rank_gpus:
-            rank_bundle["GPU"] = self.rank_gpus
         return EngineConfig(
             model=model_path, dtype=self.dtype, linear_kernel=self.linear_kernel,
             quantization=self.quantization, quantization_group_size=self.quantization_group_size,
@@ -275,10 +280,7 @@ class ServeSettings(BaseModel):
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len, enable_prefix_caching=self.enable_prefix_caching,
             tensor_parallel_size=self.tensor_parallel_size, expert_parallel=self.expert_parallel,
-            device=self.device, rank_bundle=rank_bundle,
-            placement_strategy=self.placement_strategy,
-            use_current_placement_group=self.tensor_parallel_size > 1, rank_bundle_offset=1,
-            rank_threads=self.engine_threads(),
+            device=self.device, placement=self.placement_plan(),
         )
 
     def llm_server_spec(self, model_path: str):

@@ -2,7 +2,7 @@
 there: the weight format's in workers/loader.py's WeightFormat, the engine's in
 workers/engine_config.py's EngineConfig (which takes the weight format's), the deployment's in
 cluster/settings.py's ServeSettings (which takes the engine's). The dataclasses a layer only builds
-from the one above (PlacementSpec from EngineConfig, IngressOptions from ServeSettings) have no
+from the one above (IngressOptions from ServeSettings) have no
 defaults of their own for what they are given. These tests compare the copies that remain: a field's
 default in ServeSettings with the engine's, a config built with nothing set with the engine's own,
 and the `mixserve bench` flags that set engine knobs with the engine's defaults.
@@ -15,13 +15,13 @@ from mixserve.cluster.settings import ServeSettings
 from mixserve.router.ingress import IngressOptions
 from mixserve.workers.engine_config import EngineConfig
 from mixserve.workers.loader import WeightFormat
-from mixserve.workers.ray_executor import PlacementSpec
+from mixserve.workers.placement_plan import PlacementPlan
 
 # what EngineConfig fields ServeSettings sets from its field of the same name (at least these)
 ENGINE_KNOBS = {"dtype", "linear_kernel", "quantization", "quantization_group_size", "quantize_lm_head",
                 "quantization_calibration", "block_size", "kv_cache_bytes", "max_num_seqs", "max_num_batched_tokens",
-                "max_model_len", "enable_prefix_caching", "tensor_parallel_size", "expert_parallel", "device",
-                "placement_strategy"}
+                "max_model_len", "enable_prefix_caching", "tensor_parallel_size", "expert_parallel", "device"}
+PLACEMENT_KNOBS = {"placement_strategy": "strategy", "rank_gpus": "rank_gpus"}  # ServeSettings -> PlacementPlan
 INGRESS_RENAMED = {"graceful_shutdown_timeout_s": "drain_s"}  # settings field -> IngressOptions field
 WEIGHT_KNOBS = {"linear_kernel": "linear_kernel", "quantization": "quantization",  # EngineConfig -> WeightFormat
                 "quantization_group_size": "group_size", "quantize_lm_head": "quantize_lm_head",
@@ -65,10 +65,16 @@ def test_an_engine_config_from_default_settings_is_the_engines_default():
     assert built.weight_format() == WeightFormat()
 
 
+def test_settings_take_the_placement_defaults():
+    plan = _defaults(PlacementPlan)
+    assert {ours: _settings_default(ours) for ours in PLACEMENT_KNOBS} == \
+        {ours: plan[theirs] for ours, theirs in PLACEMENT_KNOBS.items()}
+    assert _defaults(EngineConfig)["placement"] == PlacementPlan()
+
+
 def test_what_the_settings_hand_down_has_no_default_of_its_own():
-    """PlacementSpec is built from EngineConfig, IngressOptions from ServeSettings: a default there
-    would be a second copy (it once was: block size 16, body limit 1 MiB, drain 120 s, STRICT_PACK)."""
-    assert _defaults(PlacementSpec) == {}
+    """IngressOptions is built from ServeSettings: a default there would be a second copy (it once
+    was: block size 16, body limit 1 MiB, drain 120 s)."""
     ingress = _defaults(IngressOptions)
     for settings_name in ServeSettings.model_fields:
         name = INGRESS_RENAMED.get(settings_name, settings_name)

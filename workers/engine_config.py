@@ -5,6 +5,7 @@ come from workers/loader.py's WeightFormat, which `weight_format()` builds). No 
 from dataclasses import dataclass, field
 
 from .loader import WeightFormat
+from .placement_plan import PlacementPlan
 
 _WEIGHTS = WeightFormat()  # the weight format's defaults, which the fields below reuse
 
@@ -29,11 +30,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     expert_parallel: bool = False  # MoE layers split by whole experts across the ranks (attention stays TP)
     distributed: bool = False  # run ranks as Ray actors even when tensor_parallel_size is 1
-    rank_bundle: dict = field(default_factory=lambda: {"CPU": 1.0})  # Ray resources of one rank
-    placement_strategy: str = "STRICT_PACK"
-    use_current_placement_group: bool = False  # inside a Serve replica with placement_group_bundles
-    rank_bundle_offset: int = 0
-    rank_threads: int | None = None
+    placement: PlacementPlan = field(default_factory=PlacementPlan)  # where the ranks run (workers/placement_plan.py)
     device: str = "cpu"
     seed: int = 0  # seeds the seeds of unseeded requests
     show_progress: bool = False

@@ -63,14 +63,9 @@ def make_executor(config: EngineConfig, model_config: ModelConfig, dtype: torch.
         runner = ModelRunner(local_path or config.model, model_config, dtype, cache, device=config.device,
                              show_progress=config.show_progress, weights=config.weight_format())
         return LocalExecutor(runner)
-    from .ray_executor import PlacementSpec, RayExecutor
+    from .ray_executor import RayExecutor
 
-    placement = PlacementSpec(
-        rank_bundle=dict(config.rank_bundle), strategy=config.placement_strategy,
-        use_current_placement_group=config.use_current_placement_group,
-        rank_bundle_offset=config.rank_bundle_offset, rank_threads=config.rank_threads,
-    )
     dtype_name = str(dtype).replace("torch.", "")
-    return RayExecutor(config.model, model_config, dtype_name, cache, config.tensor_parallel_size, placement,
+    return RayExecutor(config.model, model_config, dtype_name, cache, config.tensor_parallel_size, config.placement,
                        device=config.device, expert_parallel=config.expert_parallel,
                        weights=config.weight_format())

@@ -1,9 +1,8 @@
 """Run each step on tensor-parallel ranks: one Ray actor per rank, all in one placement group.
 
-Placement: one bundle per rank (`{"GPU": 1, "CPU": 1}` on GPU machines, a CPU fraction on CPU),
-STRICT_PACK by default so that a replica's ranks share a node. Inside a Ray Serve replica the
-executor uses the replica's own placement group (Serve's `placement_group_bundles`), the ranks
-taking bundles `rank_bundle_offset ..`; elsewhere it creates (and later removes) its own.
+Placement follows workers/placement_plan.py: inside a Ray Serve replica the ranks take their bundles
+of the replica's own placement group (Serve's `placement_group_bundles`); elsewhere the executor
+creates (and later removes) a group of its own.
 
 Per step: the same StepInput goes to every rank in parallel; rank 0 samples and returns tokens.
 Failure: if any rank's call fails (its actor died, its communicator broke) or the step exceeds
@@ -14,7 +13,6 @@ serving the old shards in step, and the caller gets WeightReloadError naming the
 """
 
 import time
-from dataclasses import dataclass
 
 import ray
 from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
@@ -23,23 +21,13 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from .config import ModelConfig
 from .loader import WeightFormat
 from .model_runner import CacheShape, WeightReloadError
+from .placement_plan import PlacementPlan
 from .rank_worker import RankWorker
 from .step_input import StepInput, StepOutput
 
 
 class RankFailure(RuntimeError):
     """A tensor-parallel rank failed; this replica can no longer run steps."""
-
-
-@dataclass(slots=True)
-class PlacementSpec:
-    """Where the ranks run; built from EngineConfig's fields of the same meaning (their defaults live there)."""
-
-    rank_bundle: dict
-    strategy: str
-    use_current_placement_group: bool  # inside a Serve replica with placement_group_bundles
-    rank_bundle_offset: int  # first bundle of the current group that belongs to rank 0
-    rank_threads: int | None  # torch threads per rank (None: the bundle's CPUs, at least 1)
 
 
 class RayExecutor:
@@ -50,7 +38,7 @@ class RayExecutor:
         dtype: str,
         cache: CacheShape,
         world_size: int,
-        placement: PlacementSpec,
+        placement: PlacementPlan,
         device: str = "cpu",
         expert_parallel: bool = False,
         weights: WeightFormat = WeightFormat(),
@@ -61,26 +49,23 @@ class RayExecutor:
             ray.init()
         self.world_size = world_size
         self.step_timeout_s = step_timeout_s
-        self._owns_group = not placement.use_current_placement_group
+        self._owns_group = not placement.in_serve_replica
         if self._owns_group:
-            self.placement_group = placement_group([dict(placement.rank_bundle)] * world_size, placement.strategy)
-            offset = 0
+            self.placement_group = placement_group(placement.own_group_bundles(world_size), placement.strategy)
         else:
             self.placement_group = get_current_placement_group()
             if self.placement_group is None:
-                raise RuntimeError("use_current_placement_group is set but this process is not in a placement group")
-            offset = placement.rank_bundle_offset
+                raise RuntimeError("the placement plan is a Serve replica's, but this process is in no placement group")
         ray.get(self.placement_group.ready(), timeout=start_timeout_s)
-        threads = placement.rank_threads or max(1, int(placement.rank_bundle.get("CPU", 1)))
         remote = ray.remote(RankWorker)
         self.workers = [
             remote.options(
-                num_cpus=placement.rank_bundle.get("CPU", 0),
-                num_gpus=placement.rank_bundle.get("GPU", 0),
+                num_cpus=placement.rank_cpus,
+                num_gpus=placement.rank_gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    self.placement_group, placement_group_bundle_index=offset + rank
+                    self.placement_group, placement_group_bundle_index=placement.rank_bundle_index(rank)
                 ),
-            ).remote(rank, world_size, threads)
+            ).remote(rank, world_size, placement.threads_per_rank())
             for rank in range(world_size)
         ]
         try:

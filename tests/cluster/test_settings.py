@@ -28,8 +28,8 @@ def test_tensor_parallel_replica_owns_one_placement_group_with_a_bundle_per_rank
     assert options["placement_group_bundles"] == [{"CPU": 1}, {"CPU": 4, "GPU": 1}, {"CPU": 4, "GPU": 1}]
     assert options["placement_group_strategy"] == "STRICT_PACK"
     engine = s.engine_config("/models/x")
-    assert engine.use_current_placement_group and engine.rank_bundle_offset == 1
-    assert engine.rank_bundle == {"CPU": 4, "GPU": 1}
+    assert engine.placement.in_serve_replica and engine.placement.rank_bundle_index(0) == 1
+    assert engine.placement.rank_bundle() == {"CPU": 4, "GPU": 1}
 
 
 def test_cpus_needed_counts_every_actor_the_deployment_options_ask_for():
@@ -126,4 +126,4 @@ def test_engine_cpus_and_threads_default_to_a_nodes_share(overrides, node_cpus, 
                                                           threads):
     s = ServeSettings(**overrides).with_cpus_for(node_cpus, nodes)
     assert (s.replica_cpus, s.rank_cpus, s.engine_threads()) == (replica_cpus, rank_cpus, threads)
-    assert s.engine_config("m").rank_threads == threads
+    assert s.engine_config("m").placement.rank_threads == threads

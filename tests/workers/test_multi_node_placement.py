@@ -38,7 +38,7 @@ def two_node_cluster():
 def test_two_tp2_replicas_each_pack_on_one_node_and_generate(two_node_cluster, tiny_checkpoint):
     _, nodes = two_node_cluster
     prompts = random_prompts([15, 70], seed=71)
-    replicas = [make_engine(tiny_checkpoint, tensor_parallel_size=2, rank_bundle={"CPU": 1}) for _ in range(2)]
+    replicas = [make_engine(tiny_checkpoint, tensor_parallel_size=2) for _ in range(2)]
     try:
         placements = [r.executor.node_ids() for r in replicas]
         for ranks in placements:

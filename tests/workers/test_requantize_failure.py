@@ -120,7 +120,7 @@ def test_tp2_reload_is_all_ranks_or_none(local_ray, checkpoint_copy):
     to load, rank 1 alone failing to read the calibration text (before any collective forward, so
     rank 0 does not wait on it), and every rank failing (the weights file gone) each leave both ranks
     on their old shards, in step, with the same greedy outputs; then the reload succeeds."""
-    engine = make_engine(checkpoint_copy, tensor_parallel_size=2, rank_bundle={"CPU": 1},
+    engine = make_engine(checkpoint_copy, tensor_parallel_size=2,
                          quantization_calibration="builtin")
     prompts = random_prompts([40, 75], seed=23)
     try:

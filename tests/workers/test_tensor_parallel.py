@@ -26,7 +26,7 @@ def local_ray():
 
 
 def tp2(path, **overrides):
-    return make_engine(path, tensor_parallel_size=2, rank_bundle={"CPU": 1}, **overrides)
+    return make_engine(path, tensor_parallel_size=2, **overrides)
 
 
 def ep2(path, **overrides):
@@ -151,7 +151,7 @@ def test_tp_size_that_does_not_divide_the_heads_fails_before_any_actor_starts(ti
     groups, actors = set(ray.util.placement_group_table()), set(ray._private.state.actors())
     started = time.monotonic()
     with pytest.raises(CheckpointError, match="tensor-parallel size 3"):
-        make_engine(tiny_checkpoint, tensor_parallel_size=3, rank_bundle={"CPU": 1})
+        make_engine(tiny_checkpoint, tensor_parallel_size=3)
     assert time.monotonic() - started < 5
     assert set(ray.util.placement_group_table()) <= groups
     assert set(ray._private.state.actors()) <= actors
