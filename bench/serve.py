@@ -336,7 +336,7 @@ def run_bench_serve(url: str, workload_for, loads: list[tuple[float | None, int 
     warm prefix cache from the point before does not flatter the next one)."""
     from pathlib import Path
 
-    from .plots import plot_latency_cdfs, plot_sweep, write_json
+    from .result_files import plot_latency_cdfs, plot_sweep, write_json
 
     out_dir = Path(out_dir)
     print(f"cpu (this machine, the load generator's): {cpu_capability().line()}", flush=True)

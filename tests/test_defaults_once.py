@@ -96,4 +96,3 @@ def test_bench_flags_take_the_engine_defaults():
     offline = parser.parse_args(["bench", "offline"])
     flags = ("dtype", "linear_kernel", "quantization", "quantization_group_size", "quantization_calibration")
     assert {name: getattr(offline, name) for name in flags} == {name: getattr(default, name) for name in flags}
-    assert parser.parse_args(["bench", "soak"]).tensor_parallel_size == default.tensor_parallel_size

@@ -1,14 +1,11 @@
 """`mixserve bench serve` against a real tiny server: every workload, open and closed loop; the
-workload generators; and the sizing of the comparison's shared-prefix stage."""
+workload generators; `mixserve bench offline`'s repeated batch; and what `mixserve bench` is (offline
+and serve: the benchmark lab is tools/benchmarks/, not the package)."""
 
 import json
-import os
 
 import pytest
 
-from mixserve.bench.compare import CompareSizes, Row, _run_plan, prefix_kv_bytes
-from mixserve.bench.report import render_report
-from mixserve.bench.vllm_client import client_args, summarize_result
 from mixserve.bench.workloads import build_workload
 from mixserve.cluster.cli import main
 from mixserve.workers.tokenizer import Tokenizer
@@ -110,197 +107,6 @@ def test_workloads_are_seeded_and_exact(tiny_checkpoint):
     assert [len(s) for s in chat.sessions] == [3, 3] and chat.endpoint == "/v1/chat/completions"
 
 
-def test_prefix_stage_cache_holds_half_the_prefixes_but_not_all():
-    sizes, per_token = CompareSizes(), 8 << 10  # mini in bfloat16: 8 layers * 2 * 4 kv heads * 64 * 2 bytes
-    kv = prefix_kv_bytes(sizes, per_token)
-    prefix = sizes.prefix_len * per_token
-    assert sizes.groups // 2 * prefix <= kv < sizes.groups * prefix
-
-
-@pytest.mark.skipif(not os.environ.get("MIXSERVE_BENCH_COMPARE"), reason="~2 min: set MIXSERVE_BENCH_COMPARE=1")
-def test_compare_quick_runs_every_mixserve_stage(tmp_path):
-    assert main(["bench", "compare", "--quick", "--out", str(tmp_path)]) == 0
-    result = json.loads((tmp_path / "compare.json").read_text())
-    assert all("result" in s for s in result["stages"] if "skipped" not in s)
-    offline = [s for s in result["stages"] if s["stage"] == "offline"]
-    assert sorted((s["dtype"], s["mode"]) for s in offline) == [
-        ("bfloat16", "offline"), ("bfloat16", "one-at-a-time"), ("float32", "offline"), ("float32", "one-at-a-time")]
-    assert all(s["result"]["kernels"]["linear_kernels"] for s in offline)
-    served = [s for s in result["stages"] if s.get("mode") == "served" and "result" in s]
-    assert served and all(s["result"]["kernels"] and s["result"]["cpu"] for s in served)
-    assert set(result["cpu"]["flags"]) >= {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}
-    assert result["best_dtypes"]["mixserve"]["best"] in ("float32", "bfloat16")
-    assert {s["stage"] for s in result["stages"] if "skipped" in s} == {"transformers", "vllm", "vllm-client"}
-    markdown = (tmp_path / "compare.md").read_text()
-    assert markdown.startswith("CPU: ") and "\n| configuration |" in markdown
-    _check_quantized_rows(result, markdown)
-    routed = {(s["result"]["config"]["workload"], s["routing"]) for s in result["stages"]
-              if s["stage"] == "prefix" and "result" in s}
-    assert routed == {(w, r) for w in ("shared-prefix", "multi-turn")
-                      for r in ("power-of-two", "prefix-aware", "ray-prefix-affinity")}
-    for name in ("shared_prefix_ttft_ray_prefix_affinity_over_prefix_aware",
-                 "multi_turn_ttft_ray_prefix_affinity_over_prefix_aware", "multi_turn_ttft_power_of_two_over_prefix_aware"):
-        assert result["targets"][name]["value"] > 0
-
-
-def _check_quantized_rows(result, markdown):
-    """int8 and int4 rows (batch and one at a time) in the served dtype, each lighter than and rated
-    against the unquantized offline row of the same dtype and mode."""
-    quantized = [s for s in result["stages"] if s["stage"] == "quantized"]
-    assert sorted((s["quantization"], s["mode"]) for s in quantized) == [
-        ("int4", "offline"), ("int4", "one-at-a-time"), ("int8", "offline"), ("int8", "one-at-a-time")]
-    for s in quantized:
-        plain = next(p for p in result["stages"] if p["stage"] == "offline" and p["quantization"] == "none"
-                     and p["mode"] == s["mode"] and p["dtype"] == s["dtype"] == result["served_dtype"])
-        assert s["result"]["quantization"] == s["quantization"] and s["result"]["dtype"] == s["dtype"]
-        assert 0 < s["result"]["weight_bytes"] < plain["result"]["weight_bytes"]
-        assert f"| {s['label']} | random | {s['dtype']} | " in markdown
-        assert "x unquantized, weights 0." in markdown.split(f"| {s['label']} |")[1].splitlines()[0]
-        mode = s["mode"].replace("-", "_")
-        assert result["targets"][f"{s['quantization']}_{mode}_over_unquantized"]["target"] is None
-    assert result["targets"]["int4_weight_bytes_over_unquantized"]["value"] < 1
-    assert all(q not in result["best_dtypes"]["mixserve"]["output_tokens_per_s"] for q in ("int8", "int4"))
-
-
-def test_compare_quantized_rows_next_to_the_unquantized_offline_row(tiny_checkpoint, tmp_path):
-    """The offline and quantized stages alone (~15 s on the tiny model): the served dtype only."""
-    assert main(["bench", "compare", "--quick", "--model", str(tiny_checkpoint), "--offline-dtypes", "float32",
-                 "--skip", "served,tp2,prefix", "--out", str(tmp_path)]) == 0
-    result = json.loads((tmp_path / "compare.json").read_text())
-    assert result["served_dtype"] == "float32" and result["sizes"]["quantizations"] == ["int8", "int4"]
-    _check_quantized_rows(result, (tmp_path / "compare.md").read_text())
-    assert "| weights GiB |" in (tmp_path / "compare.md").read_text()
-
-
-def _entry(stage, label, tok_s=None, failed=None, **tags):
-    entry = {"stage": stage, "label": label, **tags}
-    if failed:
-        entry["failed"] = failed
-    else:
-        entry["result"] = {"output_tokens_per_s": tok_s, "load_avg_before": [1.0], "load_avg_after": [1.1]}
-    return entry
-
-
-def test_report_compares_each_engines_best_dtype_and_one_prompt_at_a_time():
-    stages = [
-        _entry("offline", "mixserve offline, float32", 100.0, engine="mixserve", mode="offline", dtype="float32"),
-        _entry("offline", "mixserve 1 at a time, float32", 20.0, engine="mixserve", mode="one-at-a-time",
-               dtype="float32"),
-        _entry("offline", "mixserve offline, bfloat16", 150.0, engine="mixserve", mode="offline", dtype="bfloat16"),
-        _entry("transformers", "transformers generate", 100.0, engine="transformers", mode="offline",
-               dtype="bfloat16"),
-        _entry("vllm", "vLLM offline, float32", 200.0, engine="vllm", mode="offline", dtype="float32"),
-        _entry("vllm", "vLLM 1 at a time, float32", 25.0, engine="vllm", mode="one-at-a-time", dtype="float32"),
-        _entry("vllm", "vLLM offline, bfloat16", 120.0, engine="vllm", mode="offline", dtype="bfloat16"),
-        _entry("vllm", "vLLM CPU build served", failed="RuntimeError: boom", engine="vllm", mode="served",
-               dtype="bfloat16", client="mixserve"),
-    ]
-    report = render_report(stages, CompareSizes(), 1 << 20, 8 << 10, 0.8, "AMD EPYC | torch ISA AVX2 | avx2")
-    targets = report["targets"]
-    best = report["best_dtypes"]
-    assert best["mixserve"]["best"] == "bfloat16" and best["vllm"]["best"] == "float32"
-    assert targets["offline_over_transformers"]["value"] == pytest.approx(1.5)  # the same dtype: bfloat16
-    assert targets["offline_over_transformers"]["met"]
-    assert targets["offline_best_over_vllm_best"]["value"] == pytest.approx(0.75)
-    assert not targets["offline_best_over_vllm_best"]["met"]
-    assert targets["one_at_a_time_over_vllm"]["value"] == pytest.approx(0.8)
-    markdown = report["markdown"]
-    assert markdown.startswith("CPU: AMD EPYC | torch ISA AVX2 | avx2\n")
-    assert "offline_best_over_vllm_best: 0.75 (target >= 1.0) - NOT met" in markdown
-    assert "| vLLM offline, float32 | random | float32 | 200.0 | 1.33x mixserve offline best |" in markdown
-    assert "| vLLM 1 at a time, float32 | random | float32 | 25.0 | 1.25x mixserve 1-at-a-time best |" in markdown
-    assert "- vllm best dtype offline: float32 (tok/s: float32 200.0, bfloat16 120.0; one at a time: float32 25.0)" \
-        in markdown
-    assert "RuntimeError: boom" in markdown
-
-
-def test_quantized_rows_are_rated_against_the_unquantized_row_of_their_dtype_and_mode_and_are_never_best():
-    def offline(label, tok_s, quantization, weight_bytes, mode="offline", dtype="bfloat16"):
-        entry = _entry("offline" if quantization == "none" else "quantized", label, tok_s, engine="mixserve",
-                       mode=mode, dtype=dtype, quantization=quantization)
-        entry["result"]["weight_bytes"] = weight_bytes
-        return entry
-
-    stages = [offline("none, float32", 200.0, "none", 4 << 30, dtype="float32"),
-              offline("none, bfloat16", 100.0, "none", 2 << 30),
-              offline("none, bfloat16, alone", 10.0, "none", 2 << 30, "one-at-a-time"),
-              offline("int8, bfloat16", 120.0, "int8", 1 << 30),
-              offline("int8, bfloat16, alone", 15.0, "int8", 1 << 30, "one-at-a-time"),
-              offline("int4, bfloat16", 300.0, "int4", 1 << 29),
-              _entry("quantized", "int4, bfloat16, alone", failed="RuntimeError: boom", engine="mixserve",
-                     mode="one-at-a-time", dtype="bfloat16", quantization="int4")]
-    report = render_report(stages, CompareSizes(), 1 << 20, 8 << 10, None)
-    markdown = report["markdown"]
-    assert "| none, bfloat16 | random | bfloat16 | 100.0 | 0.50x mixserve offline best | 2 |" in markdown
-    assert "| int8, bfloat16 | random | bfloat16 | 120.0 | 1.20x unquantized, weights 0.50x | 1 |" in markdown
-    assert "| int8, bfloat16, alone | random | bfloat16 | 15.0 | 1.50x unquantized, weights 0.50x | 1 |" in markdown
-    assert "| int4, bfloat16 | random | bfloat16 | 300.0 | 3.00x unquantized, weights 0.25x | 0.5 |" in markdown
-    assert "| int4, bfloat16, alone | random | bfloat16 | - | - | - |" in markdown
-    assert report["best_dtypes"]["mixserve"] == {"best": "float32",
-                                                 "output_tokens_per_s": {"float32": 200.0, "bfloat16": 100.0},
-                                                 "one_at_a_time_tokens_per_s": {"bfloat16": 10.0}}
-    targets = report["targets"]
-    assert targets["int8_offline_over_unquantized"]["value"] == pytest.approx(1.2)
-    assert targets["int8_one_at_a_time_over_unquantized"]["value"] == pytest.approx(1.5)
-    assert targets["int4_offline_over_unquantized"] == {"value": pytest.approx(3.0), "target": None, "met": None,
-                                                        "of": "int4, bfloat16 / none, bfloat16"}
-    assert targets["int4_weight_bytes_over_unquantized"]["value"] == pytest.approx(0.25)
-    assert "int4_one_at_a_time_over_unquantized" not in targets
-    assert "- int4_offline_over_unquantized: 3.00\n" in markdown
-
-
-def test_vllm_clients_saved_result_is_a_row_of_its_own_against_the_same_client_on_mixserve():
-    def saved(tok_s, failed=0):
-        return {"completed": 32 - failed, "failed": failed, "duration": 40.0, "output_throughput": tok_s,
-                "request_throughput": 0.8, "mean_ttft_ms": 15000.0, "p99_ttft_ms": 20000.0, "mean_itl_ms": 340.0,
-                "median_e2el_ms": 36000.0, "ttfts": [0.1] * 32, "itls": [[0.3]] * 32,
-                "errors": ["Traceback ...\nClientConnectorError: refused"] * failed + [""] * (32 - failed)}
-
-    mixserve = summarize_result(saved(25.9, failed=2))
-    assert "ttfts" not in mixserve and "errors" not in mixserve
-    assert mixserve["error_messages"] == [("ClientConnectorError: refused", 2)]
-    load = {"load_avg_before": [1.0], "load_avg_after": [1.2]}
-    stages = [{"stage": "vllm-client", "label": "mixserve served (vLLM's client)", "engine": "mixserve",
-               "mode": "served", "dtype": "float32", "client": "vllm", "baseline": True,
-               "result": {**mixserve, **load}},
-              {"stage": "vllm-client", "label": "vLLM served (vLLM's client)", "engine": "vllm", "mode": "served",
-               "dtype": "float32", "client": "vllm", "result": {**summarize_result(saved(56.1)), **load}}]
-    report = render_report(stages, CompareSizes(), 1 << 20, 8 << 10, None)
-    row = report["rows"][0]
-    assert (row["tok_s"], row["ttft_mean_ms"], row["itl_mean_ms"], row["e2e_p50_s"]) == (25.9, 15000.0, 340.0, 36.0)
-    assert row["status"] == "2 of 32 requests failed: ClientConnectorError: refused"
-    assert report["targets"]["served_over_vllm_served_vllm_client"]["value"] == pytest.approx(25.9 / 56.1)
-    assert report["targets"]["served_over_vllm_served_vllm_client"]["met"] is False  # issue 12's >= 1.0
-    assert "| vLLM served (vLLM's client) | random | float32 | 56.1 | 2.17x 1 replica |" in report["markdown"]
-
-
-def test_repeated_figures_show_their_runs_and_served_is_held_to_09x_offline_under_vllms_client():
-    offline = _entry("offline", "mixserve offline, bfloat16", 300.0, engine="mixserve", mode="offline",
-                     dtype="bfloat16")
-    offline["result"]["runs"] = [310.0, 300.0, 280.0]
-    served = {"stage": "vllm-client", "label": "mixserve served (vLLM's client)", "engine": "mixserve",
-              "mode": "served", "dtype": "bfloat16", "client": "vllm", "baseline": True,
-              "result": {"client": "vllm bench serve", "output_throughput": 276.0, "runs": [276.0, 290.0, 250.0],
-                         "load_avg_before": [1.0], "load_avg_after": [1.2]}}
-    report = render_report([offline, served], CompareSizes(), 1 << 20, 8 << 10, None)
-    target = report["targets"]["served_over_offline_vllm_client"]
-    assert target["value"] == pytest.approx(0.92) and target["target"] == 0.9 and target["met"]
-    assert "| mixserve offline, bfloat16 | random | bfloat16 | 300.0 (median of 310/300/280) |" in report["markdown"]
-    assert "| 276.0 (median of 276/290/250) | 0.92x mixserve offline best |" in report["markdown"]
-    served["result"]["output_throughput"] = 260.0
-    assert not render_report([offline, served], CompareSizes(), 1 << 20, 8 << 10, None)["targets"][
-        "served_over_offline_vllm_client"]["met"]
-    # offline measured right before and after the served stage is what served is held to, when present
-    bracket = _entry("served", "mixserve offline, right before and after", 280.0, engine="mixserve",
-                     mode="offline-bracket", dtype="bfloat16")
-    report = render_report([offline, served, bracket], CompareSizes(), 1 << 20, 8 << 10, None)
-    target = report["targets"]["served_over_offline_vllm_client"]
-    assert target["value"] == pytest.approx(260 / 280) and target["met"]
-    assert target["of"] == "mixserve served (vLLM's client) / mixserve offline, right before and after"
-    assert "0.87x mixserve offline best, 0.93x offline right before and after |" in report["markdown"]
-    assert report["best_dtypes"]["mixserve"]["output_tokens_per_s"] == {"bfloat16": 300.0}  # not a best
-
-
 def test_offline_bench_repeats_the_batch_on_one_engine_and_reports_the_median_run(tiny_checkpoint):
     from mixserve.bench.offline import OfflineWorkload, bench_mixserve, median_run
 
@@ -313,28 +119,13 @@ def test_offline_bench_repeats_the_batch_on_one_engine_and_reports_the_median_ru
     assert result["output_tokens"] == 12 and result["steps"] == 4  # one run's steps: 1 prefill + 3 decodes
 
 
-def test_vllm_client_runs_the_random_workload_greedy_closed_loop_and_saves_every_request():
-    args = client_args("http://127.0.0.1:8000", "peer", "/models/mini", 128, 64, 32, 32, 0, "/out", "x.json")
-    pairs = dict(zip(args, args[1:]))
-    assert pairs["--backend"] == "openai" and pairs["--endpoint"] == "/v1/completions"
-    assert pairs["--dataset-name"] == "random" and pairs["--random-input-len"] == "128"
-    assert pairs["--random-output-len"] == "64" and pairs["--num-prompts"] == "32"
-    assert pairs["--max-concurrency"] == "32" and pairs["--temperature"] == "0"
-    assert {"--ignore-eos", "--save-result", "--save-detailed"} <= set(args)
+def test_bench_has_offline_and_serve_only_and_the_package_holds_no_benchmark_lab():
+    import importlib.util
 
+    from mixserve.cluster.cli import build_parser
 
-def test_a_row_is_skipped_when_a_stage_it_needs_is_skipped_and_fails_alone():
-    def two(wanted):
-        return [{"output_tokens_per_s": 1.0}, RuntimeError("client broke") if wanted[1] else None]
-
-    def broken(wanted):
-        raise ValueError("no server")
-
-    plan = [([Row("served", "ours"), Row("vllm-client", "theirs", ("served",))], two),
-            ([Row("vllm", "peer"), Row("vllm-client", "peer, theirs", ("vllm",))], broken)]
-    entries = _run_plan(plan, skip={"vllm"})
-    assert [sorted(k for k in ("result", "failed", "skipped") if k in e) for e in entries] == [
-        ["result"], ["failed"], ["skipped"], ["skipped"]]
-    assert entries[1]["failed"] == "RuntimeError: client broke"
-    entries = _run_plan(plan, skip={"served"})
-    assert [e["failed"] for e in entries[2:]] == ["ValueError: no server"] * 2 and "skipped" in entries[1]
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    modes = next(a for a in commands["bench"]._actions if a.dest == "bench_mode").choices
+    assert set(modes) == {"offline", "serve"}
+    lab = ("compare", "soak", "soak_outcomes", "report", "plots", "local_server", "vllm_client", "vllm_offline")
+    assert [m for m in lab if importlib.util.find_spec(f"mixserve.bench.{m}")] == []

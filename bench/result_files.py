@@ -1,10 +1,10 @@
-"""Results files of the serving benchmarks: the JSON summaries and their PNG plots (matplotlib, Agg).
+"""Results files of `mixserve bench serve`: the JSON summaries and their PNG plots (matplotlib, Agg).
 
 - `plot_latency_cdfs`: one figure per set of runs, three panels (TTFT, ITL, E2E), the empirical
   CDF of each run's per-request values.
 - `plot_sweep`: latency (mean and p99 TTFT, ITL, E2E) against achieved output throughput, one point
   per offered load of a sweep (`--rate 1,2,4` or `--concurrency 1,4,16`).
-- `plot_bars`: one bar per labelled figure (the comparison's table as a chart).
+The benchmark lab (tools/benchmarks/) writes its files with these too.
 """
 
 import json
@@ -74,16 +74,3 @@ def plot_sweep(summaries: list[dict], path: Path, title: str = "") -> Path:
     fig.suptitle(title or "latency against throughput (labels: offered load)")
     return _save(fig, path)
 
-
-def plot_bars(labels: list[str], values: list[float | None], path: Path, ylabel: str, title: str) -> Path:
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(labels)), 4))
-    heights = [v or 0.0 for v in values]
-    bars = ax.bar(range(len(labels)), heights, color="tab:blue")
-    for bar, v in zip(bars, values):
-        ax.annotate("n/a" if v is None else f"{v:.3g}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                    ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)

@@ -1,13 +1,13 @@
-"""vLLM's offline throughput on given prompts; run by `mixserve bench compare` with the python of
-the vLLM venv (it imports vLLM, never mixserve, so it is a plain script, not a mixserve module).
+"""vLLM's offline throughput on given prompts; run by the comparison (peers.py) with the python of
+the vLLM venv (it imports vLLM, never mixserve).
 
 Usage: python vllm_offline.py MODEL PROMPTS_JSON MAX_MODEL_LEN DTYPE [ONE_AT_A_TIME [REPEATS]]
 PROMPTS_JSON: {"prompts": [[token ids], ...], "output_len": N}. Greedy, EOS ignored; after a
 2-prompt warm-up, all prompts in one `LLM.generate` call (REPEATS > 1: that many calls, prefix
 caching off so no call reuses another's prompts; the median call is the figure, as in
-`offline.bench_mixserve`), then (ONE_AT_A_TIME > 0) the first
+`mixserve.bench.offline.bench_mixserve`), then (ONE_AT_A_TIME > 0) the first
 ONE_AT_A_TIME prompts with one `LLM.generate` call each, one after another. Prints one JSON line
-with output tokens/s (whole call, prefill included), the figures `offline.bench_mixserve`
+with output tokens/s (whole call, prefill included), the figures `mixserve.bench.offline.bench_mixserve`
 reports, the second under "one_at_a_time".
 """
 

@@ -1,4 +1,4 @@
-"""What `mixserve bench soak` judges, as plain functions: a request's outcome from what the client saw,
+"""What the soak (soak.py) judges, as plain functions: a request's outcome from what the client saw,
 the dead replica's series in /metrics, the RSS-growth rule and the run's verdict.
 
 Outcome of one request (`classify`), first rule that applies:

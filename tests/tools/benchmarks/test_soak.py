@@ -1,10 +1,10 @@
-"""`mixserve bench soak`'s judgement (bench/soak_outcomes.py), without a server: how a request's
+"""The soak's judgement (tools/benchmarks/soak_outcomes.py), without a server: how a request's
 transcript is classified, when the run fails, the RSS rule, and finding a replica's /metrics series."""
 
-from mixserve.bench.soak import SoakConfig, request_spec
-from mixserve.bench.soak_outcomes import Transcript, classify, message_group, replica_series, rss_growth, verdict
 from mixserve.router.engine_api import ReplicaLoad
 from mixserve.router.metrics import ServingMetrics
+from soak import SoakConfig, request_spec
+from soak_outcomes import Transcript, classify, message_group, replica_series, rss_growth, verdict
 
 TOKEN = {"choices": [{"index": 0, "text": "hi", "finish_reason": None}]}
 LAST = {"choices": [{"index": 0, "text": "!", "finish_reason": "length"}]}
@@ -115,3 +115,10 @@ def test_the_traffic_is_the_same_for_the_same_seed_and_mixes_endpoints_and_strea
     assert {s.body["stream"] for s in specs} == {True, False}
     assert all(8 <= s.body["max_tokens"] <= 32 for s in specs)
     assert any(s.abandon for s in specs) and not any(s.abandon and not s.body["stream"] for s in specs)
+
+
+def test_the_soak_flags_take_the_engine_defaults():
+    from mixserve.workers.engine_config import EngineConfig
+    from soak import build_parser
+
+    assert build_parser().parse_args([]).tensor_parallel_size == EngineConfig(model="m").tensor_parallel_size

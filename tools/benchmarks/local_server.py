@@ -1,6 +1,6 @@
 """A mixserve server started inside a benchmark's own process: Ray (a local head, the replicas' logs
 kept out of the command's output), then the Serve app as `mixserve serve` would start it; both torn
-down when the block ends. Used by `bench compare`'s served stages and by `bench soak`."""
+down when the block ends. Used by the comparison's served stages (stages.py) and by the soak (soak.py)."""
 
 from collections.abc import Iterator
 from contextlib import contextmanager

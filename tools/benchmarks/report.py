@@ -1,6 +1,6 @@
-"""The report of `mixserve bench compare`: the CPU, one markdown table of every stage, each engine's
-best dtype, the ratios, the targets checked, and why tensor parallelism looks as it does on a
-2-core CPU. Rows are found by their entry's tags (compare.Row), never by label.
+"""The report of the comparison (compare.py): the CPU, one markdown table of every stage, each
+engine's best dtype, the ratios, the targets checked, and why tensor parallelism looks as it does on
+a 2-core CPU. Rows are found by their entry's tags (runner.Row), never by label.
 
 Ratios are taken within the run (the machine is shared; absolute figures drift with the load):
 - offline rows: output tokens/s over mixserve's best offline figure (its best dtype), one-at-a-time
@@ -14,24 +14,41 @@ Ratios are taken within the run (the machine is shared; absolute figures drift w
   mixserve's prefix-aware routing's in the same workload, and the measured prefix-cache hit rate
   (cached prompt tokens / prompt tokens, from each response's `usage`), over the ideal for
   shared-prefix.
-Targets: prefix-aware mean TTFT at least `TTFT_TARGET` times lower than power of two choices and no
-higher than Ray's PrefixCacheAffinityRouter's on the shared-prefix workload, a hit rate of at
-least `HIT_TARGET` of the ideal (multi-turn ratios are recorded without a target); mixserve offline at least as fast as transformers
-in the same dtype, mixserve's best dtype at least as fast as vLLM's best dtype, and mixserve one
-prompt at a time at least as fast as vLLM one prompt at a time (`OFFLINE_TARGET`); under vLLM's
-client, mixserve served by 1 replica at least `SERVED_OVER_OFFLINE_TARGET` of mixserve offline
-measured right before and after it in the served dtype (the "offline-bracket" row; stage 1's best
-when there is none) and at least as fast as vLLM's server (`OFFLINE_TARGET`). Served ratios under
-our own load generator, TP=2 against 1 replica, and mixserve offline in the served dtype (with `--dtype auto`:
-the dtype mixserve picks) against its best dtype are recorded without a target.
-A figure measured several times (compare.py's `repeats`) is its median run; the table lists every
+Figures checked, each by its name in the JSON's "targets": the mean TTFT of power of two choices and
+of Ray's PrefixCacheAffinityRouter over prefix-aware routing's on each workload, prefix-aware's hit
+rate over the ideal (shared-prefix); mixserve offline over transformers in the same dtype, mixserve's
+best dtype over vLLM's best dtype, mixserve one prompt at a time over vLLM one prompt at a time; under
+vLLM's client, mixserve served by 1 replica over mixserve offline measured right before and after it
+in the served dtype (the "offline-bracket" row; stage 1's best when there is none) and over vLLM's
+server; served ratios under our own load generator, TP=2 over 1 replica, mixserve offline in the
+served dtype (with `--dtype auto`: the dtype mixserve picks) over its best dtype, quantized over
+unquantized. Which of them have a target, and its value, is data: targets.yaml (a figure meets its
+target when it is at least the target; the others are recorded without one).
+A figure measured several times (plan.yaml's `repeats`) is its median run; the table lists every
 run's figure beside it.
+
+`render_saved` renders a saved compare.json again; run as a script, it prints that markdown:
+`python -P tools/benchmarks/report.py benchmarks/compare-full-12.json`.
 """
 
-TTFT_TARGET = 2.0
-HIT_TARGET = 0.8
-OFFLINE_TARGET = 1.0
-SERVED_OVER_OFFLINE_TARGET = 0.9
+import json
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # python -P keeps the repository root off sys.path; the lab's own folder goes on it
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import yaml  # noqa: E402
+
+from sizes import CompareSizes  # noqa: E402
+
+TARGETS_FILE = Path(__file__).resolve().with_name("targets.yaml")
+
+
+def load_targets(path: Path = TARGETS_FILE) -> dict[str, float]:
+    """{figure name: target} from targets.yaml."""
+    return {name: float(value) for name, value in yaml.safe_load(path.read_text()).items()}
+
 
 TP_NOTE = (
     "TP=2 here puts one rank on each of the 2 cores. It does the same arithmetic as one replica with 2 threads and "
@@ -110,12 +127,16 @@ def _find(rows: list[dict], **tags) -> dict | None:
     return next((r for r in rows if all(r.get(k) == v for k, v in tags.items()) and r["tok_s"]), None)
 
 
-def _ratio(num: dict | None, den: dict | None, target: float | None, key: str = "tok_s") -> dict | None:
+def _ratio(num: dict | None, den: dict | None, key: str = "tok_s") -> dict | None:
     if not num or not den or not num.get(key) or not den.get(key):
         return None
-    value = num[key] / den[key]
-    return {"value": value, "target": target, "met": None if target is None else value >= target,
-            "of": f"{num['label']} / {den['label']}"}
+    return {"value": num[key] / den[key], "of": f"{num['label']} / {den['label']}"}
+
+
+def _judged(figure: dict, target: float | None) -> dict:
+    """A figure with its target (None: none) and whether it meets it."""
+    met = None if target is None else figure["value"] >= target
+    return {"value": figure["value"], "target": target, "met": met, **({"of": figure["of"]} if "of" in figure else {})}
 
 
 def best_dtypes(rows: list[dict]) -> dict:
@@ -133,7 +154,9 @@ def best_dtypes(rows: list[dict]) -> dict:
 
 
 def render_report(results: list[dict], sizes, kv_prefix: int, per_token: int, ideal_hit: float | None,
-                  cpu_line: str | None = None) -> dict:
+                  cpu_line: str | None = None, targets: dict[str, float] | None = None) -> dict:
+    """The report of a run's entries (runner.run_plan); `targets`: by figure name (default: targets.yaml)."""
+    goals = load_targets() if targets is None else targets
     rows = [_row(e) for e in results]
     plain = [r for r in rows if not _quantized(r)]  # every best, baseline and target: unquantized weights
     offline = _best(plain, "mixserve", "offline")
@@ -155,8 +178,8 @@ def render_report(results: list[dict], sizes, kv_prefix: int, per_token: int, id
         ratios = []
         if r["workload"] == "random" and r["tok_s"]:
             if _quantized(r):
-                speed = _ratio(r, unquantized[id(r)], None)
-                weights = _ratio(r, unquantized[id(r)], None, "weight_bytes")
+                speed = _ratio(r, unquantized[id(r)])
+                weights = _ratio(r, unquantized[id(r)], "weight_bytes")
                 ratios += [f"{speed['value']:.2f}x unquantized"] if speed else []
                 ratios += [f"weights {weights['value']:.2f}x"] if weights else []
             elif r["mode"] == "one-at-a-time" and alone:
@@ -186,47 +209,43 @@ def render_report(results: list[dict], sizes, kv_prefix: int, per_token: int, id
             f"| {_f(r['ttft_p99_ms'], '.0f')} | {_f(r['itl_mean_ms'], '.1f')} | {_f(r['e2e_p50_s'], '.2f')} | {hits} "
             f"| {r['kernels']} | {r['load'] or '-'} | {r['status'] or ''} |"
         )
-    targets = {}
+    figures = {}
     if aware and p2c and aware["ttft_mean_ms"] and p2c["ttft_mean_ms"]:
-        speedup = p2c["ttft_mean_ms"] / aware["ttft_mean_ms"]
-        targets["prefix_ttft_speedup"] = {"value": speedup, "target": TTFT_TARGET, "met": speedup >= TTFT_TARGET}
+        figures["prefix_ttft_speedup"] = {"value": p2c["ttft_mean_ms"] / aware["ttft_mean_ms"]}
     for workload in ("shared-prefix", "multi-turn"):
         ours = routed.get((workload, "prefix-aware"))
-        for other, goal in (("ray-prefix-affinity", 1.0), ("power-of-two", None)):
+        for other in ("ray-prefix-affinity", "power-of-two"):
             them = routed.get((workload, other))
             if workload == "shared-prefix" and other == "power-of-two":
                 continue  # prefix_ttft_speedup above
             if ours and them and ours["ttft_mean_ms"] and them["ttft_mean_ms"]:
-                value = them["ttft_mean_ms"] / ours["ttft_mean_ms"]
-                targets[f"{workload.replace('-', '_')}_ttft_{other.replace('-', '_')}_over_prefix_aware"] = {
-                    "value": value, "target": goal if workload == "shared-prefix" else None,
-                    "met": value >= goal if goal is not None and workload == "shared-prefix" else None}
+                figures[f"{workload.replace('-', '_')}_ttft_{other.replace('-', '_')}_over_prefix_aware"] = {
+                    "value": them["ttft_mean_ms"] / ours["ttft_mean_ms"]}
     if aware and aware["hit_rate"] is not None and ideal_hit:
-        frac = aware["hit_rate"] / ideal_hit
-        targets["prefix_hit_rate_of_ideal"] = {"value": frac, "target": HIT_TARGET, "met": frac >= HIT_TARGET}
+        figures["prefix_hit_rate_of_ideal"] = {"value": aware["hit_rate"] / ideal_hit}
     hf = _find(plain, engine="transformers", mode="offline")
     same_dtype = _find(plain, engine="mixserve", mode="offline", dtype=hf["dtype"]) if hf else None
     vllm_served = {c: _find(plain, engine="vllm", mode="served", client=c) for c in ("mixserve", "vllm")}
     tp2 = next((r for r in plain if r["stage"] == "tp2" and r["tok_s"]), None)
     served_dtype = next((r["dtype"] for r in plain if r["engine"] == "mixserve" and r["mode"] == "served"), None)
     for name, ratio in (
-        ("offline_over_transformers", _ratio(same_dtype, hf, OFFLINE_TARGET)),
-        ("offline_best_over_vllm_best", _ratio(offline, _best(rows, "vllm", "offline"), OFFLINE_TARGET)),
-        ("one_at_a_time_over_vllm", _ratio(alone, _best(rows, "vllm", "one-at-a-time"), OFFLINE_TARGET)),
-        ("served_over_offline_vllm_client",
-         _ratio(baselines["vllm"], bracket or offline, SERVED_OVER_OFFLINE_TARGET)),
-        ("served_over_vllm_served", _ratio(baselines["mixserve"], vllm_served["mixserve"], None)),
-        ("served_over_vllm_served_vllm_client", _ratio(baselines["vllm"], vllm_served["vllm"], OFFLINE_TARGET)),
-        ("tp2_over_one_replica", _ratio(tp2, baselines["mixserve"], None)),
+        ("offline_over_transformers", _ratio(same_dtype, hf)),
+        ("offline_best_over_vllm_best", _ratio(offline, _best(rows, "vllm", "offline"))),
+        ("one_at_a_time_over_vllm", _ratio(alone, _best(rows, "vllm", "one-at-a-time"))),
+        ("served_over_offline_vllm_client", _ratio(baselines["vllm"], bracket or offline)),
+        ("served_over_vllm_served", _ratio(baselines["mixserve"], vllm_served["mixserve"])),
+        ("served_over_vllm_served_vllm_client", _ratio(baselines["vllm"], vllm_served["vllm"])),
+        ("tp2_over_one_replica", _ratio(tp2, baselines["mixserve"])),
         ("served_dtype_over_best", _ratio(_find(plain, engine="mixserve", mode="offline", dtype=served_dtype),
-                                          offline, None)),
-        *[(f"{r['quantization']}_{r['mode'].replace('-', '_')}_over_unquantized",
-           _ratio(r, unquantized[id(r)], None)) for r in rows if _quantized(r)],
-        *[(f"{r['quantization']}_weight_bytes_over_unquantized", _ratio(r, unquantized[id(r)], None, "weight_bytes"))
+                                          offline)),
+        *[(f"{r['quantization']}_{r['mode'].replace('-', '_')}_over_unquantized", _ratio(r, unquantized[id(r)]))
+          for r in rows if _quantized(r)],
+        *[(f"{r['quantization']}_weight_bytes_over_unquantized", _ratio(r, unquantized[id(r)], "weight_bytes"))
           for r in rows if _quantized(r) and r["mode"] == "offline"],
     ):
         if ratio is not None:
-            targets[name] = ratio
+            figures[name] = ratio
+    targets = {name: _judged(figure, goals.get(name)) for name, figure in figures.items()}
     best = best_dtypes(plain)
     lines += ["", f"Sizes: {sizes}.", f"Shared-prefix KV cache per replica: {kv_prefix / 2**20:.1f} MiB "
               f"({kv_prefix // per_token} tokens; all {sizes.groups} prefixes need "
@@ -242,3 +261,18 @@ def render_report(results: list[dict], sizes, kv_prefix: int, per_token: int, id
         lines.append(f"- {name}: {t['value']:.2f}{goal}{verdict}")
     lines += ["", f"Note on TP=2: {TP_NOTE}"]
     return {"markdown": "\n".join(lines), "rows": rows, "targets": targets, "best_dtypes": best}
+
+
+def render_saved(saved: dict, targets: dict[str, float] | None = None) -> str:
+    """The markdown of a saved compare.json (its compare.md), rendered again from its entries. A run
+    saved before compare.json recorded the ideal hit rate gets the shared-prefix workload's from its
+    sizes (the same figure: the prompts have exact lengths)."""
+    sizes = CompareSizes.from_json(saved["sizes"])
+    ideal = saved.get("ideal_prefix_hit_rate", sizes.ideal_prefix_hit_rate())
+    return render_report(saved["stages"], sizes, saved["kv_prefix_bytes"], saved["kv_bytes_per_token"], ideal,
+                         saved.get("cpu_line"), targets)["markdown"] + "\n"
+
+
+if __name__ == "__main__":
+    for path in sys.argv[1:]:
+        print(render_saved(json.loads(Path(path).read_text())), end="")
