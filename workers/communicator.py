@@ -2,7 +2,8 @@
 
 One small interface, two backends, chosen by the device the model runs on:
 - `GlooCommunicator`: torch.distributed's gloo backend for CPU tensors. The engine picks the
-  rendezvous address (rank 0's node IP and a free port) and hands it to every rank explicitly.
+  rendezvous address (rank 0's node IP and a free port) and hands it to every rank explicitly; each
+  rank's gloo talks over the interface that holds its own node IP (workers/network_interface.py).
 - `CupyNcclCommunicator`: NCCL through cupy for CUDA tensors. Rank 0 makes the unique id, the
   engine passes it to every rank, and each rank builds its communicator eagerly (the engine waits
   on all of them under a timeout); all-reduces are issued on torch's current CUDA stream.
@@ -10,6 +11,7 @@ The model calls `all_reduce` exactly twice per layer (workers/model.py); the ste
 for both backends.
 """
 
+import os
 from datetime import timedelta
 from typing import Protocol
 
@@ -34,9 +36,13 @@ def free_rendezvous_address(host: str) -> str:
 
 
 class GlooCommunicator:
-    def __init__(self, address: str, rank: int, world_size: int, timeout_s: float = 60.0):
+    def __init__(self, address: str, rank: int, world_size: int, timeout_s: float = 60.0,
+                 interface: str | None = None):
+        """`interface`: the network interface gloo uses (GLOO_SOCKET_IFNAME, unless already set)."""
         import torch.distributed as dist
 
+        if interface:
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
         self._dist = dist
         self.rank, self.world_size = rank, world_size
         dist.init_process_group(

@@ -14,6 +14,7 @@ from .loader import ShardSpec, WeightFormat
 from .model_inputs import build_model_inputs
 from .model_runner import CacheShape, ModelRunner
 from .model_source import resolve_model
+from .network_interface import interface_with_address
 from .step_input import StepInput, StepOutput
 
 
@@ -39,7 +40,10 @@ class RankWorker:
 
     def init_communicator(self, backend: str, rendezvous, timeout_s: float = 60.0) -> None:
         if backend == "gloo":
-            self.communicator = GlooCommunicator(rendezvous, self.rank, self.world_size, timeout_s)
+            import ray
+
+            interface = interface_with_address(ray.util.get_node_ip_address())
+            self.communicator = GlooCommunicator(rendezvous, self.rank, self.world_size, timeout_s, interface)
         elif backend == "nccl":
             torch.cuda.set_device(0)  # Ray exposes exactly the rank's GPU as device 0
             self.communicator = CupyNcclCommunicator(rendezvous, self.rank, self.world_size, 0)
