@@ -126,7 +126,9 @@ class ServeSettings(BaseModel):
     graceful_shutdown_timeout_s: float = Field(
         120.0, ge=0, description="a replica being removed (scale-down, redeploy) takes no new requests and gets this "
         "long to finish the ones it has before it is stopped")
-    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = _ENGINE.placement.strategy
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        _ENGINE.placement.strategy, description="where a tensor-parallel replica's ranks go: STRICT_PACK on one node, "
+        "STRICT_SPREAD one rank per node (the replica actor shares rank 0's node), PACK/SPREAD as Ray places them")
     max_ongoing_requests: int = Field(64, ge=1, description="requests a replica works on at once")
     max_queued_requests: int = Field(128, ge=1, description="beyond this the API answers 503 + Retry-After")
     ingress: Literal["separate", "direct"] = Field(

@@ -4,7 +4,8 @@ Serve's placement-group bundles, each rank's bundle index and the CPUs a replica
 Rule: without tensor parallelism a replica is one actor with `replica_cpus` CPUs. With it, a Serve
 replica owns ONE placement group: bundle 0 holds the replica actor (`replica_cpus`), bundles
 1..world_size one rank each (`rank_cpus`, `rank_gpus`), placed by `strategy` (STRICT_PACK: one
-node). An engine started outside Serve (`replica_cpus` None: tests, benchmarks) creates its own group
+node). Under STRICT_SPREAD (every bundle on its own node) the replica actor shares rank 0's bundle
+instead, so one rank per node needs world_size nodes, not one more. An engine started outside Serve (`replica_cpus` None: tests, benchmarks) creates its own group
 of the rank bundles only, and removes it when it shuts down. A rank runs `rank_threads` torch
 threads (default: its bundle's CPUs, at least 1). Ray-free: workers/ray_executor.py applies it.
 """
@@ -28,12 +29,19 @@ class PlacementPlan:
         """Ray resources of one rank actor."""
         return {"CPU": self.rank_cpus, **({"GPU": self.rank_gpus} if self.rank_gpus else {})}
 
+    @property
+    def replica_shares_rank0_bundle(self) -> bool:
+        return self.strategy == "STRICT_SPREAD"
+
     def serve_bundles(self, world_size: int) -> list[dict[str, float]] | None:
         """Serve's `placement_group_bundles` for a replica with `world_size` ranks (None without
-        tensor parallelism: the replica is a plain actor)."""
+        tensor parallelism: the replica is a plain actor). Serve puts the replica actor in bundle 0."""
         if world_size == 1:
             return None
-        return [{"CPU": self._replica_cpus()}] + [self.rank_bundle() for _ in range(world_size)]
+        ranks = [self.rank_bundle() for _ in range(world_size)]
+        if self.replica_shares_rank0_bundle:
+            return [{**ranks[0], "CPU": ranks[0]["CPU"] + self._replica_cpus()}] + ranks[1:]
+        return [{"CPU": self._replica_cpus()}] + ranks
 
     def own_group_bundles(self, world_size: int) -> list[dict[str, float]]:
         """The group an engine outside Serve creates: one bundle per rank."""
@@ -41,7 +49,7 @@ class PlacementPlan:
 
     def rank_bundle_index(self, rank: int) -> int:
         """The bundle of `rank` in the group the ranks run in."""
-        return rank + (1 if self.in_serve_replica else 0)
+        return rank + (1 if self.in_serve_replica and not self.replica_shares_rank0_bundle else 0)
 
     def threads_per_rank(self) -> int:
         return self.rank_threads or max(1, int(self.rank_cpus))

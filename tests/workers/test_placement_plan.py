@@ -29,3 +29,10 @@ def test_an_engine_outside_serve_makes_a_group_of_rank_bundles_only():
     assert PlacementPlan(rank_cpus=0.5).threads_per_rank() == 1  # at least one
     with pytest.raises(ValueError, match="outside Serve"):
         plan.serve_bundles(2)
+
+
+def test_strict_spread_puts_the_replica_in_rank_0s_bundle_so_tp_nodes_suffice():
+    plan = PlacementPlan(rank_cpus=2, rank_gpus=1, strategy="STRICT_SPREAD", replica_cpus=1)
+    assert plan.serve_bundles(2) == [{"CPU": 3, "GPU": 1}, {"CPU": 2, "GPU": 1}]
+    assert [plan.rank_bundle_index(r) for r in range(2)] == [0, 1]
+    assert plan.replica_cpus_needed(2) == 5
