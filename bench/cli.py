@@ -15,7 +15,10 @@ from mixserve.kernels.quantize import INT4_GROUP_SIZES
 from mixserve.random_models.presets import PRESETS
 from mixserve.workers.engine_config import EngineConfig
 
+from .offline import OfflineWorkload
+
 _ENGINE = EngineConfig(model="")  # the engine's defaults, which the flags below reuse
+_WORKLOAD = OfflineWorkload()  # the offline workload's sizes, likewise
 
 
 def model_or_preset(model: Path | None, preset: str | None, cache_dir: Path | None) -> Path:
@@ -45,9 +48,9 @@ def add_bench_parser(subparsers) -> None:
     off.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: --preset)")
     off.add_argument("--preset", choices=sorted(PRESETS), default="mini", help="built into the cache when no --model")
     off.add_argument("--cache-dir", type=Path, default=None)
-    off.add_argument("--num-prompts", type=int, default=32)
-    off.add_argument("--input-len", type=int, default=128)
-    off.add_argument("--output-len", type=int, default=64)
+    off.add_argument("--num-prompts", type=int, default=_WORKLOAD.num_prompts)
+    off.add_argument("--input-len", type=int, default=_WORKLOAD.input_len)
+    off.add_argument("--output-len", type=int, default=_WORKLOAD.output_len)
     off.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=_ENGINE.dtype,
                      help="auto: the checkpoint's dtype where the CPU has native bf16 math, else float32")
     off.add_argument("--linear-kernel", choices=["auto", "reference", "onednn"], default=_ENGINE.linear_kernel,
@@ -62,7 +65,7 @@ def add_bench_parser(subparsers) -> None:
     off.add_argument("--one-at-a-time", type=int, default=0, metavar="N",
                      help="also generate the first N prompts one after another, each alone, and report that "
                           "output tok/s (a single user's speed)")
-    off.add_argument("--seed", type=int, default=0)
+    off.add_argument("--seed", type=int, default=_WORKLOAD.seed)
     off.add_argument("--compare-transformers", action="store_true",
                      help="also run transformers' batched generate on the same prompts (in the engine's dtype) "
                           "and report the ratio")
@@ -73,7 +76,7 @@ def add_bench_parser(subparsers) -> None:
 def _run_bench_offline(args: argparse.Namespace) -> int:
     from mixserve.workers.loader import WeightFormat
 
-    from .offline import OfflineWorkload, run_offline_bench
+    from .offline import run_offline_bench
 
     model = model_or_preset(args.model, args.preset, args.cache_dir)
     workload = OfflineWorkload(args.num_prompts, args.input_len, args.output_len, args.seed)

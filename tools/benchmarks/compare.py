@@ -26,6 +26,8 @@ from peers import DEFAULT_VENV, PeerMissing, vllm_python  # noqa: E402
 from runner import PLAN_FILE, load_plan, run_compare  # noqa: E402
 from sizes import CompareSizes  # noqa: E402
 
+_SIZES = CompareSizes()  # the defaults the help texts name
+
 PEER_STAGES = {"vllm", "vllm-client"}
 
 
@@ -40,24 +42,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--quick", action="store_true",
                    help="tiny model, few requests, no peers: checks that the whole comparison runs")
-    p.add_argument("--num-prompts", type=int, default=None, help="random workload: prompts (default 32)")
-    p.add_argument("--input-len", type=int, default=None, help="random workload: prompt tokens (default 128)")
-    p.add_argument("--output-len", type=int, default=None, help="random workload: new tokens (default 64)")
-    p.add_argument("--concurrency", type=int, default=None, help="random workload: requests in flight (default 32)")
-    p.add_argument("--groups", type=int, default=None, help="shared-prefix: groups (default 8)")
-    p.add_argument("--users-per-group", type=int, default=None, help="shared-prefix: users per group (default 8)")
-    p.add_argument("--prefix-len", type=int, default=None, help="shared-prefix: shared tokens (default 1024)")
+    p.add_argument("--num-prompts", type=int, default=None, help=f"random workload: prompts (default {_SIZES.num_prompts})")
+    p.add_argument("--input-len", type=int, default=None, help=f"random workload: prompt tokens (default {_SIZES.input_len})")
+    p.add_argument("--output-len", type=int, default=None, help=f"random workload: new tokens (default {_SIZES.output_len})")
+    p.add_argument("--concurrency", type=int, default=None, help=f"random workload: requests in flight (default {_SIZES.concurrency})")
+    p.add_argument("--groups", type=int, default=None, help=f"shared-prefix: groups (default {_SIZES.groups})")
+    p.add_argument("--users-per-group", type=int, default=None, help=f"shared-prefix: users per group (default {_SIZES.users_per_group})")
+    p.add_argument("--prefix-len", type=int, default=None, help=f"shared-prefix: shared tokens (default {_SIZES.prefix_len})")
     p.add_argument("--prefix-concurrency", type=int, default=None,
-                   help="shared-prefix: requests in flight (default 4)")
+                   help=f"shared-prefix: requests in flight (default {_SIZES.prefix_concurrency})")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None,
                    help="served stages (both engines) and transformers (default auto: what mixserve picks here)")
     p.add_argument("--offline-dtypes", default=None,
-                   help="comma list: dtypes of the offline runs of mixserve and vLLM (default float32,bfloat16)")
+                   help=f"comma list: dtypes of the offline runs of mixserve and vLLM (default {','.join(_SIZES.offline_dtypes)})")
     p.add_argument("--one-at-a-time", type=int, default=None, metavar="N",
-                   help="offline runs also generate N prompts one at a time (default 4; 0: not)")
+                   help=f"offline runs also generate N prompts one at a time (default {_SIZES.one_at_a_time}; 0: not)")
     p.add_argument("--repeats", type=int, default=None, metavar="N",
                    help="the throughput pairs the targets compare (offline batch of mixserve and vLLM; vLLM's client "
-                        "against each server) run N times, the median run reported (default 3; --quick 1)")
+                        f"against each server) run N times, the median run reported (default {_SIZES.repeats}; "
+                        f"--quick {CompareSizes.quick().repeats})")
     p.add_argument("--skip", default="", help="comma list of stages to leave out: offline, quantized, transformers, "
                                                 "served, tp2, prefix, vllm, vllm-client (vLLM's `vllm bench serve` "
                                                 "rows)")
@@ -65,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the venv of vLLM's CPU build (made by `make peers-venv`)")
     p.add_argument("--plan", type=Path, default=PLAN_FILE, help="the steps to run (default: plan.yaml beside this)")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for JSON, markdown and PNG")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=_SIZES.seed)
     return p
 
 

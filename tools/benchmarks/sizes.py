@@ -9,12 +9,16 @@ prefixes: only a router that keeps each group on one replica keeps its hits.
 
 from dataclasses import dataclass
 
+from mixserve.bench.offline import OfflineWorkload
+
+_RANDOM = OfflineWorkload()  # the random workload's sizes, which the fields below reuse
+
 
 @dataclass(slots=True)
 class CompareSizes:
-    num_prompts: int = 32
-    input_len: int = 128
-    output_len: int = 64
+    num_prompts: int = _RANDOM.num_prompts
+    input_len: int = _RANDOM.input_len
+    output_len: int = _RANDOM.output_len
     concurrency: int = 32
     groups: int = 8
     users_per_group: int = 8
