@@ -271,9 +271,7 @@ class ServeSettings(BaseModel):
                              replica_cpus=self.replica_cpus, rank_threads=self.engine_threads())
 
     def engine_config(self, model_path: str) -> EngineConfig:
-        """The EngineConfig of one replica (CPUs left to the default decided for this machine)."""
-        if not self.cpus_decided:
-            return self.with_cpus_for(os.cpu_count() or 1).engine_config(model_path)
+        """The EngineConfig of one replica (its placement plan decides CPUs left to the default)."""
         return EngineConfig(
             model=model_path, dtype=self.dtype, linear_kernel=self.linear_kernel,
             quantization=self.quantization, quantization_group_size=self.quantization_group_size,

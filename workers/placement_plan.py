@@ -5,9 +5,10 @@ Rule: without tensor parallelism a replica is one actor with `replica_cpus` CPUs
 replica owns ONE placement group: bundle 0 holds the replica actor (`replica_cpus`), bundles
 1..world_size one rank each (`rank_cpus`, `rank_gpus`), placed by `strategy` (STRICT_PACK: one
 node). Under STRICT_SPREAD (every bundle on its own node) the replica actor shares rank 0's bundle
-instead, so one rank per node needs world_size nodes, not one more. An engine started outside Serve (`replica_cpus` None: tests, benchmarks) creates its own group
-of the rank bundles only, and removes it when it shuts down. A rank runs `rank_threads` torch
-threads (default: its bundle's CPUs, at least 1). Ray-free: workers/ray_executor.py applies it.
+instead, so one rank per node needs world_size nodes, not one more. An engine started outside Serve
+(`replica_cpus` None: tests, benchmarks) creates its own group of the rank bundles only, and removes
+it when it shuts down. A rank runs `rank_threads` torch threads (default: its bundle's CPUs, at least
+1). Ray-free: workers/ray_executor.py applies it.
 """
 
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ class PlacementPlan:
         tensor parallelism: the replica is a plain actor). Serve puts the replica actor in bundle 0."""
         if world_size == 1:
             return None
-        ranks = [self.rank_bundle() for _ in range(world_size)]
+        ranks = self.own_group_bundles(world_size)
         if self.replica_shares_rank0_bundle:
             return [{**ranks[0], "CPU": ranks[0]["CPU"] + self._replica_cpus()}] + ranks[1:]
         return [{"CPU": self._replica_cpus()}] + ranks
